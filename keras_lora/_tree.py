@@ -1,0 +1,24 @@
+"""Walking a model's layer tree, nested models included."""
+
+import keras
+
+
+def walk(model, prefix=""):
+    """Yields `(path, layer)` for every layer under `model`, depth first.
+
+    The path joins layer names with "/" from the top model down, e.g.
+    `"encoder/dense_1"`, so it names a layer by where it sits, never by its
+    position in a list.
+    """
+    for layer in model.layers:
+        path = f"{prefix}{layer.name}"
+        yield path, layer
+        if isinstance(layer, keras.Model):
+            yield from walk(layer, prefix=f"{path}/")
+
+
+def find(model, kind):
+    """Returns `{path: layer}` for the layers of type `kind` in `model`."""
+    return {
+        path: layer for path, layer in walk(model) if isinstance(layer, kind)
+    }

@@ -1,0 +1,158 @@
+"""The `keras-lora` command line (also `python -m keras_lora`).
+
+Subcommands:
+- `compare`: the parameter table of a Dense chain against its LoRA twin.
+- `bench`: the speed and memory benchmark (see `keras_lora.bench`).
+"""
+
+import argparse
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, not usage plus a line."""
+
+    def error(self, message):
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, received {text!r}"
+        )
+    return value
+
+
+def _units(text):
+    try:
+        return tuple(_positive_int(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            "expected comma-separated positive integers such as "
+            f"256,128,64,10, received {text!r}"
+        ) from None
+
+
+def _shape(text):
+    parts = text.lower().split("x")
+    try:
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError("")
+        return tuple(_positive_int(part) for part in parts)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a shape IN x OUT such as 512x256, received {text!r}"
+        ) from None
+
+
+def _add_compare(subparsers):
+    p = subparsers.add_parser(
+        "compare",
+        help="compare trainable parameters of Dense and LoRADense layers",
+    )
+    p.add_argument("--input-dim", type=_positive_int, default=512)
+    p.add_argument(
+        "--units",
+        type=_units,
+        default=(256, 128, 64, 10),
+        help="the chain's widths (default 256,128,64,10)",
+    )
+    p.add_argument("--rank", type=_positive_int, default=8)
+    p.add_argument(
+        "--shapes",
+        type=_shape,
+        nargs="+",
+        metavar="INxOUT",
+        help="compare independent layers of these kernel shapes "
+        "instead of a chain",
+    )
+    p.add_argument(
+        "--no-bias", action="store_true", help="layers without a bias vector"
+    )
+    p.add_argument(
+        "--format", choices=("table", "markdown", "json"), default="table"
+    )
+    p.set_defaults(run=_run_compare)
+
+
+def _run_compare(args):
+    import keras
+
+    from keras_lora.layers import LoRADense
+    from keras_lora.parameters import compare_parameters
+
+    use_bias = not args.no_bias
+    if args.shapes:
+        shapes = args.shapes
+        names = [f"layer_{i + 1}" for i in range(len(shapes))]
+    else:
+        dims = (args.input_dim,) + args.units
+        shapes = list(zip(dims[:-1], dims[1:]))
+        names = [f"layer_{i + 1}" for i in range(len(shapes))]
+    dense, lora = [], []
+    for name, (d, k) in zip(names, shapes):
+        dense.append(keras.layers.Dense(k, use_bias=use_bias, name=name))
+        lora.append(LoRADense(k, rank=args.rank, use_bias=use_bias, name=name))
+        dense[-1].build((None, d))
+        lora[-1].build((None, d))
+    result = compare_parameters(dense, lora)
+    if args.format == "json":
+        return result.to_json()
+    if args.format == "markdown":
+        return result.to_markdown()
+    return str(result)
+
+
+def _add_bench(subparsers):
+    from keras_lora import bench
+
+    bench.add_arguments(
+        subparsers.add_parser(
+            "bench",
+            help="time and measure Dense, Keras LoRA, LoRADense and merged",
+        )
+    )
+
+
+def build_parser():
+    parser = _Parser(
+        prog="keras-lora",
+        description="LoRA for Keras 3: parameter comparison and benchmark.",
+    )
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser
+    )
+    _add_compare(subparsers)
+    _add_bench(subparsers)
+    return parser
+
+
+def main(argv=None):
+    """Runs the CLI; returns the exit status (0 ok, 2 bad arguments)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        output = args.run(args)
+    except _UsageError as error:
+        print(f"keras-lora: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"keras-lora: error: {error}", file=sys.stderr)
+        return 2
+    if output:
+        print(output)
+    return 0
+
+
+def main_exit():
+    """Entry point of the `keras-lora` console script."""
+    sys.exit(main())

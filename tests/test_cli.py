@@ -1,0 +1,119 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from keras_lora.cli import main
+
+
+def run(capsys, *argv):
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_compare_default_prints_seed_figures(capsys):
+    status, out, _ = run(capsys, "compare")
+    assert status == 0
+    for figure in (
+        "173,130",
+        "11,802",
+        "93.18%",
+        "131,328",
+        "32,896",
+        "8,256",
+        "650",
+        "6,400",
+        "3,200",
+        "1,600",
+        "602",
+    ):
+        assert figure in out
+
+
+def test_compare_same_size_layers(capsys):
+    _, out, _ = run(capsys, "compare", "--shapes", *["512x256"] * 4)
+    assert "525,312" in out and "25,600" in out and "95.13%" in out
+
+
+def test_compare_no_bias_rank2(capsys):
+    _, out, _ = run(
+        capsys,
+        "compare",
+        "--shapes",
+        "10x10",
+        "--rank",
+        "2",
+        "--no-bias",
+        "--format",
+        "json",
+    )
+    data = json.loads(out)
+    assert (data["baseline_trainable"], data["lora_trainable"]) == (100, 40)
+
+
+def test_compare_chain_options(capsys):
+    _, out, _ = run(
+        capsys,
+        "compare",
+        "--input-dim",
+        "64",
+        "--units",
+        "32,10",
+        "--rank",
+        "4",
+        "--format",
+        "json",
+    )
+    data = json.loads(out)
+    assert data["baseline_trainable"] == 64 * 32 + 32 + 32 * 10 + 10
+    assert data["lora_trainable"] == (64 * 4 + 4 * 32 + 32) + (
+        32 * 4 + 4 * 10 + 10
+    )
+
+
+def test_compare_markdown(capsys):
+    _, out, _ = run(capsys, "compare", "--format", "markdown")
+    assert out.startswith("| layer | kernel |")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["compare", "--rank", "0"], "--rank"),
+        (["compare", "--rank", "abc"], "'abc'"),
+        (["compare", "--units", "256,x"], "'256,x'"),
+        (["compare", "--shapes", "512"], "'512'"),
+        (["compare", "--format", "csv"], "'csv'"),
+        (["frobnicate"], "'frobnicate'"),
+        ([], "command"),
+    ],
+)
+def test_bad_arguments_one_line_no_traceback(capsys, argv, needle):
+    status, out, err = run(capsys, *argv)
+    assert status == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keras-lora: error:")
+    assert needle in lines[0]
+
+
+def test_python_dash_m_is_the_same_cli():
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_lora", "compare", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["lora_trainable"] == 11802
+    bad = subprocess.run(
+        [sys.executable, "-m", "keras_lora", "compare", "--rank", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("keras-lora: error")

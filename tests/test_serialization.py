@@ -1,0 +1,99 @@
+"""Saving LoRADense models: `.keras` files and weights-only files."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lora
+from keras_lora import LoRADense, build_lora_model
+
+
+def _data(n=64, d=16, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.normal(size=(n, d)).astype("float32"),
+        rng.integers(0, classes, size=(n,)),
+    )
+
+
+def _trained_model():
+    model = build_lora_model(input_dim=16, units=(12, 4), rank=3, alpha=6)
+    x, y = _data()
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    return model
+
+
+def _values(model):
+    return {w.path: keras.ops.convert_to_numpy(w) for w in model.weights}
+
+
+def test_keras_file_round_trip_is_exact(tmp_path):
+    model = _trained_model()
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    before, after = _values(model), _values(loaded)
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    for old, new in zip(model.layers[1:], loaded.layers[1:]):
+        assert isinstance(new, LoRADense)
+        assert (new.rank, new.alpha) == (old.rank, old.alpha)
+        assert (
+            [w.name for w in new.trainable_weights]
+            == [w.name for w in old.trainable_weights]
+            == ["lora_a", "lora_b", "bias"]
+        )
+    # Unlike Keras's Dense(lora_rank=...), B does not come back at zero.
+    assert np.abs(after["layer_1/lora_b"]).max() > 0
+    x, _ = _data(seed=1)
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+
+
+def test_training_continues_after_reload(tmp_path):
+    model = _trained_model()
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    before = _values(loaded)
+    x, y = _data(seed=2)
+    loaded.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    after = _values(loaded)
+    for key in before:
+        changed = not np.array_equal(after[key], before[key])
+        frozen = key.endswith("/kernel")
+        assert changed != frozen, key
+
+
+def test_weights_only_round_trip(tmp_path):
+    model = _trained_model()
+    path = tmp_path / "model.weights.h5"
+    model.save_weights(path)
+    fresh = build_lora_model(input_dim=16, units=(12, 4), rank=3, alpha=6)
+    fresh.load_weights(path)
+    before, after = _values(model), _values(fresh)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+
+
+def test_registered_name():
+    assert keras.saving.get_registered_name(LoRADense) == "keras_lora>LoRADense"
+    assert keras_lora.LoRADense is LoRADense
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_model_trains_and_saves(policy, tmp_path):
+    keras.mixed_precision.set_global_policy(policy)
+    model = _trained_model()
+    for w in model.weights:
+        assert keras.backend.standardize_dtype(w.dtype) == "float32"
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.layers[1].dtype_policy.name == policy
+    x, _ = _data(seed=3)
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
