@@ -1,5 +1,12 @@
 """keras_lora: Low-Rank Adaptation (LoRA) as drop-in Keras 3 layers."""
 
+from keras_lora.adapters import (
+    AdapterMismatchError,
+    kernel_fingerprint,
+    load_adapters,
+    read_adapters,
+    save_adapters,
+)
 from keras_lora.layers import LoRADense
 from keras_lora.models import build_baseline_model, build_lora_model
 from keras_lora.parameters import (
@@ -12,12 +19,15 @@ from keras_lora.parameters import (
     lora_parameter_count,
     print_trainable_parameters,
 )
+from keras_lora.workflow import apply_lora, merge_lora
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterMismatchError",
     "LayerComparison",
     "LoRADense",
+    "apply_lora",
     "ParameterComparison",
     "ParameterCount",
     "build_baseline_model",
@@ -25,6 +35,11 @@ __all__ = [
     "compare_parameters",
     "count_parameters",
     "dense_parameter_count",
+    "kernel_fingerprint",
+    "load_adapters",
     "lora_parameter_count",
+    "merge_lora",
     "print_trainable_parameters",
+    "read_adapters",
+    "save_adapters",
 ]
