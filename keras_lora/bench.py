@@ -14,7 +14,7 @@ compiled `train_on_batch` (Adam, MSE); inference is a compiled
 `predict_on_batch`. Peak training memory is measured per variant in its own
 subprocess: the growth of the process's resident set (Linux VmHWM, reset by
 `/proc/self/clear_refs` once the model is built) over its size after the
-model is built, across the warm-up and the timed steps. It counts gradients,
+model is built, across the warm-up and up to 10 more steps. It counts gradients,
 optimizer slots, activations and the traced step, but not the model's own
 weights.
 """
@@ -167,49 +167,25 @@ def measure_times(args, progress):
     return result
 
 
-def _rss_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
-
-
 def memory_probe(args):
     """Run in a subprocess: one variant's peak training memory growth."""
+    from keras_lora._memory import PeakMemory
+
     model = build_variant(
         args.memory_probe, args.width, args.depth, args.rank, args.dtype
     )
     x, y = _data(args.width, args.batch)
-    try:
-        before = _rss_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM, the peak resident set, to VmRSS
-        method = "linux VmHWM after clear_refs, minus VmRSS after build"
-    except OSError:  # not Linux: the peak since start, a looser bound
-        before = _maxrss_bytes()
-        method = "getrusage ru_maxrss growth after build"
-    for _ in range(args.warmup + min(args.steps, 10)):
-        model.train_on_batch(x, y)
-    try:
-        peak = _rss_bytes("VmHWM")
-    except OSError:
-        peak = _maxrss_bytes()
+    with PeakMemory() as memory:
+        for _ in range(args.warmup + min(args.steps, 10)):
+            model.train_on_batch(x, y)
     return json.dumps(
         {
-            "rss_after_build_bytes": before,
-            "peak_bytes": peak,
-            "peak_delta_bytes": max(peak - before, 0),
-            "method": method,
+            "rss_after_build_bytes": memory.start_bytes,
+            "peak_bytes": memory.peak_bytes,
+            "peak_delta_bytes": memory.delta_bytes,
+            "method": memory.method,
         }
     )
-
-
-def _maxrss_bytes():
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def measure_memory(args, progress):

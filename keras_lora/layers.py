@@ -21,6 +21,34 @@ from keras_lora.conversion import DenseConversion
 LORA_INITS = ("default", "gaussian", "pissa")
 
 
+def frozen_matmul(inputs, kernel):
+    """`inputs @ kernel` with no gradient to `kernel`.
+
+    On TensorFlow the input gradient is formed as `(kernel @ dy^T)^T` rather
+    than `dy @ kernel^T`: same numbers, and TensorFlow's CPU kernels run the
+    transposed-weight product about 3x slower (measured at 32x4096 @
+    4096x4096), which made a LoRA train step of a deep stack cost 3.6 forward
+    passes instead of under 2. Other backends use a plain matmul.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return ops.matmul(inputs, ops.stop_gradient(kernel))
+
+    @ops.custom_gradient
+    def matmul(x):
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            # (N, units) -> (in, units) @ (units, N) -> (in, N) -> (N, in)
+            flat = ops.reshape(upstream, (-1, kernel.shape[-1]))
+            dx = ops.transpose(ops.matmul(kernel, ops.transpose(flat)))
+            return ops.reshape(dx, ops.shape(x))
+
+        # (..., in) @ (in, units) -> (..., units)
+        return ops.matmul(x, kernel), grad
+
+    return matmul(inputs)
+
+
 @keras.saving.register_keras_serializable(package="keras_lora")
 class LoRADense(DenseConversion, keras.layers.Layer):
     """Densely-connected layer with a frozen kernel and a trainable LoRA update.
@@ -193,8 +221,11 @@ class LoRADense(DenseConversion, keras.layers.Layer):
             self.pissa_split()
 
     def call(self, inputs, training=None):
+        if not keras.backend.is_float_dtype(inputs.dtype):
+            inputs = ops.cast(inputs, self.compute_dtype)
+        kernel = ops.cast(self.kernel, self.compute_dtype)
         # (..., in) @ (in, units) -> (..., units); no gradient reaches W.
-        outputs = ops.matmul(inputs, self.kernel)
+        outputs = frozen_matmul(inputs, kernel)
         lora_inputs = inputs
         if training and self.seed_generator is not None:
             lora_inputs = keras.random.dropout(

@@ -1,0 +1,187 @@
+"""The digits fine-tuning experiment: full fine-tuning against LoRA.
+
+Data: scikit-learn's bundled `load_digits` (1,797 8x8 images, no download).
+Source task: the digits as shipped. Target task: the same digits with the
+pixels inverted (x -> 1 - x), a domain shift on which the pretrained model
+is far worse than a fine-tuned one. The model is the seeds' 4-layer MLP
+(256 -> 128 -> 64 -> 10) on 64 inputs.
+
+Methods, each on the target task over several seeds:
+- `frozen`: the pretrained model as it is (the floor);
+- `full`: every weight fine-tuned;
+- `lora_r{r}`: `apply_lora(rank=r)`, only A, B and biases train.
+
+`keras-lora digits` prints the table; notebook 03 calls `run_experiment`.
+"""
+
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+
+import keras
+import numpy as np
+
+from keras_lora._memory import PeakMemory
+from keras_lora.adapters import save_adapters
+from keras_lora.models import build_baseline_model
+from keras_lora.parameters import count_parameters
+from keras_lora.workflow import apply_lora
+
+UNITS = (256, 128, 64, 10)
+
+
+def load_tasks(seed=0, test_fraction=0.25):
+    """Returns `{"source": (xtr, ytr, xte, yte), "target": (...)}`."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:  # pragma: no cover - depends on the env
+        raise ImportError(
+            "The digits experiment needs scikit-learn: "
+            "pip install 'keras_lora[dev]'"
+        ) from error
+    digits = load_digits()
+    x = (digits.data / 16.0).astype("float32")
+    y = digits.target.astype("int32")
+    order = np.random.default_rng(seed).permutation(len(x))
+    cut = int(len(x) * (1 - test_fraction))
+    train, test = order[:cut], order[cut:]
+    inverted = 1.0 - x
+    return {
+        "source": (x[train], y[train], x[test], y[test]),
+        "target": (inverted[train], y[train], inverted[test], y[test]),
+    }
+
+
+def pretrain(tasks, seed=0, epochs=30):
+    """Trains the baseline MLP on the source task; returns the model."""
+    keras.utils.set_random_seed(seed)
+    model = build_baseline_model(input_dim=64, units=UNITS)
+    xtr, ytr, _, _ = tasks["source"]
+    model.fit(xtr, ytr, epochs=epochs, batch_size=64, verbose=0)
+    return model
+
+
+@dataclasses.dataclass
+class MethodResult:
+    method: str
+    trainable_params: int
+    accuracies: list
+    epoch_seconds: list
+    peak_memory_bytes: list
+    stored_bytes: int
+    histories: list
+
+    @property
+    def accuracy_mean(self):
+        return statistics.mean(self.accuracies)
+
+    @property
+    def accuracy_std(self):
+        return statistics.pstdev(self.accuracies)
+
+
+def _file_size(save, name):
+    """Bytes of the file `save(path)` writes at a temporary `path`."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, name)
+        save(path)
+        return os.path.getsize(path)
+
+
+def _fit(model, tasks, epochs, learning_rate):
+    xtr, ytr, xte, yte = tasks["target"]
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        history = model.fit(
+            xtr,
+            ytr,
+            epochs=epochs,
+            batch_size=64,
+            validation_data=(xte, yte),
+            verbose=0,
+        )
+        seconds = (time.perf_counter() - start) / epochs
+    _, accuracy = model.evaluate(xte, yte, verbose=0)
+    return accuracy, seconds, memory.delta_bytes, history.history
+
+
+def run_method(base, tasks, method, seeds, epochs=30, learning_rate=None):
+    """Adapts `base` to the target task with one method, once per seed."""
+    result = None
+    for seed in seeds:
+        keras.utils.set_random_seed(seed)
+        if method == "frozen":
+            model = keras.models.clone_model(base)
+            model.set_weights(base.get_weights())
+            model.trainable = False
+            model.compile(
+                loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+            )
+            _, _, xte, yte = tasks["target"]
+            fitted = (model.evaluate(xte, yte, verbose=0)[1], 0.0, 0, {})
+            stored = 0
+        elif method == "full":
+            model = keras.models.clone_model(base)
+            model.set_weights(base.get_weights())
+            fitted = _fit(model, tasks, epochs, learning_rate or 1e-3)
+            stored = _file_size(model.save, "task.keras")
+        else:
+            rank = int(method.removeprefix("lora_r"))
+            model = apply_lora(base, rank=rank)
+            fitted = _fit(model, tasks, epochs, learning_rate or 5e-3)
+            stored = _file_size(
+                lambda path: save_adapters(model, path), "task.lora.h5"
+            )
+        if result is None:
+            result = MethodResult(
+                method,
+                count_parameters(model).trainable,
+                [],
+                [],
+                [],
+                stored,
+                [],
+            )
+        accuracy, seconds, memory, history = fitted
+        result.accuracies.append(float(accuracy))
+        result.epoch_seconds.append(seconds)
+        result.peak_memory_bytes.append(memory)
+        result.histories.append(history)
+    return result
+
+
+def run_experiment(
+    seeds=(0, 1, 2), ranks=(1, 4, 8), epochs=30, pretrain_epochs=30
+):
+    """Pretrains once, then runs every method; returns (base, results)."""
+    tasks = load_tasks()
+    base = pretrain(tasks, epochs=pretrain_epochs)
+    methods = ["frozen", "full"] + [f"lora_r{r}" for r in ranks]
+    results = [run_method(base, tasks, m, seeds, epochs) for m in methods]
+    return base, results
+
+
+def format_markdown(results):
+    """The README's fine-tuning table."""
+    lines = [
+        "| method | trainable params | target accuracy (mean ± std) "
+        "| s / epoch | peak train memory MiB | stored per task |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        memory = statistics.median(r.peak_memory_bytes) / 2**20
+        seconds = statistics.median(r.epoch_seconds)
+        stored = f"{r.stored_bytes / 1024:,.1f} KiB" if r.stored_bytes else "-"
+        lines.append(
+            f"| {r.method} | {r.trainable_params:,} | "
+            f"{100 * r.accuracy_mean:.1f}% ± {100 * r.accuracy_std:.1f} | "
+            f"{seconds:.3f} | {memory:.1f} | {stored} |"
+        )
+    return "\n".join(lines)
