@@ -8,6 +8,7 @@ from keras_lora.adapters import (
     save_adapters,
 )
 from keras_lora.layers import LoRADense
+from keras_lora.lowrank import RankReport, extract_lora, rank_report
 from keras_lora.models import build_baseline_model, build_lora_model
 from keras_lora.parameters import (
     LayerComparison,
@@ -30,16 +31,19 @@ __all__ = [
     "apply_lora",
     "ParameterComparison",
     "ParameterCount",
+    "RankReport",
     "build_baseline_model",
     "build_lora_model",
     "compare_parameters",
     "count_parameters",
     "dense_parameter_count",
+    "extract_lora",
     "kernel_fingerprint",
     "load_adapters",
     "lora_parameter_count",
     "merge_lora",
     "print_trainable_parameters",
+    "rank_report",
     "read_adapters",
     "save_adapters",
 ]

@@ -3,6 +3,8 @@
 Subcommands:
 - `compare`: the parameter table of a Dense chain against its LoRA twin.
 - `bench`: the speed and memory benchmark (see `keras_lora.bench`).
+- `digits`: the fine-tuning experiment (see `keras_lora.digits`).
+- `rank-report`: the singular-value report of one layer (or of its update).
 """
 
 import argparse
@@ -123,6 +125,96 @@ def _add_bench(subparsers):
     )
 
 
+def _add_digits(subparsers):
+    p = subparsers.add_parser(
+        "digits",
+        help="fine-tune on inverted digits: full vs LoRA (needs scikit-learn)",
+    )
+    p.add_argument("--seeds", type=_positive_int, default=3)
+    p.add_argument("--ranks", type=_units, default=(1, 4, 8))
+    p.add_argument("--epochs", type=_positive_int, default=30)
+    p.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    p.set_defaults(run=_run_digits)
+
+
+def _run_digits(args):
+    import json
+
+    from keras_lora import digits
+
+    _, results = digits.run_experiment(
+        seeds=tuple(range(args.seeds)), ranks=args.ranks, epochs=args.epochs
+    )
+    if args.format == "json":
+        return json.dumps([digits.summary(r) for r in results], indent=2)
+    return digits.format_markdown(results)
+
+
+def _add_rank_report(subparsers):
+    p = subparsers.add_parser(
+        "rank-report",
+        help="singular-value report of a layer's kernel (or its update)",
+    )
+    p.add_argument("model", help="a .keras file")
+    p.add_argument(
+        "--layer",
+        required=True,
+        help="the Dense or LoRADense layer's name or path",
+    )
+    p.add_argument(
+        "--base",
+        help="a .keras base model: report on the "
+        "update W_model - W_base instead",
+    )
+    p.add_argument("--ranks", type=_units, default=(1, 2, 4, 8, 16, 32, 64))
+    p.set_defaults(run=_run_rank_report)
+
+
+def _load_layer(path, name):
+    import os
+
+    import keras
+
+    import keras_lora  # noqa: F401  (registers LoRADense for load_model)
+    from keras_lora import _tree
+
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"Expected a .keras file. Received: '{path}', which does not exist."
+        )
+    model = keras.models.load_model(path, compile=False)
+    layers = dict(_tree.walk(model))
+    found = layers.get(name) or next(
+        (layer for layer in layers.values() if layer.name == name), None
+    )
+    kinds = (keras.layers.Dense, keras_lora.LoRADense)
+    if not isinstance(found, kinds):
+        names = [p for p, layer in layers.items() if isinstance(layer, kinds)]
+        raise ValueError(
+            f"Expected --layer to name a Dense or LoRADense "
+            f"layer. Received: --layer={name}. Available: "
+            f"{', '.join(names)}"
+        )
+    return found
+
+
+def _run_rank_report(args):
+    from keras import ops
+
+    from keras_lora.lowrank import _matrix_of, rank_report
+
+    matrix = _matrix_of(_load_layer(args.model, args.layer))
+    if args.base:
+        base = _matrix_of(_load_layer(args.base, args.layer))
+        if tuple(base.shape) != tuple(matrix.shape):
+            raise ValueError(
+                f"Expected the same kernel shape in --base. Received: "
+                f"{tuple(base.shape)} vs {tuple(matrix.shape)}"
+            )
+        matrix = ops.subtract(matrix, base)
+    return str(rank_report(matrix, ranks=args.ranks))
+
+
 def build_parser():
     parser = _Parser(
         prog="keras-lora",
@@ -133,6 +225,8 @@ def build_parser():
     )
     _add_compare(subparsers)
     _add_bench(subparsers)
+    _add_digits(subparsers)
+    _add_rank_report(subparsers)
     return parser
 
 

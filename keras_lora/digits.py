@@ -168,6 +168,20 @@ def run_experiment(
     return base, results
 
 
+def summary(result):
+    """The figures of one `MethodResult`, without its histories."""
+    return {
+        "method": result.method,
+        "trainable_params": result.trainable_params,
+        "accuracy_mean": result.accuracy_mean,
+        "accuracy_std": result.accuracy_std,
+        "accuracies": result.accuracies,
+        "epoch_seconds_median": statistics.median(result.epoch_seconds),
+        "peak_memory_bytes_median": statistics.median(result.peak_memory_bytes),
+        "stored_bytes": result.stored_bytes,
+    }
+
+
 def format_markdown(results):
     """The README's fine-tuning table."""
     lines = [

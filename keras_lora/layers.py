@@ -17,36 +17,9 @@ from keras import ops
 
 from keras_lora import _checks
 from keras_lora.conversion import DenseConversion
+from keras_lora.linalg import frozen_matmul, svd_factors
 
 LORA_INITS = ("default", "gaussian", "pissa")
-
-
-def frozen_matmul(inputs, kernel):
-    """`inputs @ kernel` with no gradient to `kernel`.
-
-    On TensorFlow the input gradient is formed as `(kernel @ dy^T)^T` rather
-    than `dy @ kernel^T`: same numbers, and TensorFlow's CPU kernels run the
-    transposed-weight product about 3x slower (measured at 32x4096 @
-    4096x4096), which made a LoRA train step of a deep stack cost 3.6 forward
-    passes instead of under 2. Other backends use a plain matmul.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return ops.matmul(inputs, ops.stop_gradient(kernel))
-
-    @ops.custom_gradient
-    def matmul(x):
-        def grad(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
-            # (N, units) -> (in, units) @ (units, N) -> (in, N) -> (N, in)
-            flat = ops.reshape(upstream, (-1, kernel.shape[-1]))
-            dx = ops.transpose(ops.matmul(kernel, ops.transpose(flat)))
-            return ops.reshape(dx, ops.shape(x))
-
-        # (..., in) @ (in, units) -> (..., units)
-        return ops.matmul(x, kernel), grad
-
-    return matmul(inputs)
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -218,7 +191,7 @@ class LoRADense(DenseConversion, keras.layers.Layer):
             )
         self.input_spec = keras.InputSpec(min_ndim=2, axes={-1: input_dim})
         if self.lora_init == "pissa":
-            self.pissa_split()
+            self._pissa_split()
 
     def call(self, inputs, training=None):
         if not keras.backend.is_float_dtype(inputs.dtype):
@@ -293,15 +266,10 @@ class LoRADense(DenseConversion, keras.layers.Layer):
         residual, so the layer's output is unchanged up to rounding.
         """
         self._require_built("pissa_split")
-        # W (in, units) = U (in, k) diag(s) (k, k) Vt (k, units)
-        u, s, vt = ops.svd(
-            ops.cast(self.kernel, "float32"), full_matrices=False
-        )
-        r = min(self.rank, s.shape[0])
-        root = ops.sqrt(s[:r] / self.scale)
-        # Ranks beyond min(in, units) have no singular triplet: zero them.
-        a = ops.pad(u[:, :r] * root[None, :], [[0, 0], [0, self.rank - r]])
-        b = ops.pad(root[:, None] * vt[:r, :], [[0, self.rank - r], [0, 0]])
+        self._pissa_split()
+
+    def _pissa_split(self):
+        a, b = svd_factors(self.kernel, self.rank, self.scale)
         self.lora_a.assign(a)
         self.lora_b.assign(b)
         # (in, r) @ (r, units) -> (in, units)

@@ -117,3 +117,57 @@ def test_python_dash_m_is_the_same_cli():
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("keras-lora: error")
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    import numpy as np
+
+    from keras_lora import build_baseline_model
+
+    folder = tmp_path_factory.mktemp("models")
+    base = build_baseline_model(input_dim=12, units=(10, 4), compile=False)
+    tuned = build_baseline_model(input_dim=12, units=(10, 4), compile=False)
+    tuned.set_weights(base.get_weights())
+    rng = np.random.default_rng(0)
+    delta = rng.normal(size=(12, 3)) @ rng.normal(size=(3, 10))
+    layer = tuned.get_layer("layer_1")
+    layer.kernel.assign(layer.kernel + delta.astype("float32"))
+    base.save(folder / "base.keras")
+    tuned.save(folder / "tuned.keras")
+    return folder
+
+
+def test_rank_report_cli(capsys, saved_models):
+    status, out, _ = run(
+        capsys,
+        "rank-report",
+        str(saved_models / "tuned.keras"),
+        "--layer",
+        "layer_1",
+    )
+    assert status == 0 and "matrix 12x10, numerical rank 10" in out
+    status, out, _ = run(
+        capsys,
+        "rank-report",
+        str(saved_models / "tuned.keras"),
+        "--layer",
+        "layer_1",
+        "--base",
+        str(saved_models / "base.keras"),
+    )
+    assert status == 0 and "numerical rank 3" in out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["rank-report", "missing.keras", "--layer", "x"], "does not exist"),
+        (["rank-report", "{tuned}", "--layer", "nope"], "Available: layer_1"),
+        (["rank-report", "{tuned}"], "--layer"),
+    ],
+)
+def test_rank_report_cli_errors(capsys, saved_models, argv, needle):
+    argv = [a.format(tuned=saved_models / "tuned.keras") for a in argv]
+    status, _, err = run(capsys, *argv)
+    assert status == 2 and needle in err and "Traceback" not in err

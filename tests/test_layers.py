@@ -269,7 +269,7 @@ def test_frozen_matmul_gradient_matches_autodiff(shape):
         pytest.skip("the custom input gradient is TensorFlow's")
     import tensorflow as tf
 
-    from keras_lora.layers import frozen_matmul
+    from keras_lora.linalg import frozen_matmul
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=shape).astype("float32"))

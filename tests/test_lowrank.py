@@ -1,0 +1,192 @@
+"""rank_report, extract_lora, PiSSA / gaussian init and rsLoRA."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_lora import (
+    LoRADense,
+    apply_lora,
+    build_baseline_model,
+    extract_lora,
+    load_adapters,
+    rank_report,
+    read_adapters,
+    save_adapters,
+)
+
+
+def _rank2_matrix(seed=0, shape=(10, 10)):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.normal(size=(shape[0], 2)) @ rng.normal(size=(2, shape[1]))
+    ).astype("float32")
+
+
+def test_rank_report_finds_rank_two_exactly():
+    report = rank_report(_rank2_matrix())
+    assert report.numerical_rank == 2
+    assert report.energy[1] == pytest.approx(1.0, abs=1e-6)
+    assert report.relative_error[1] == pytest.approx(0.0, abs=1e-3)
+    assert report.energy[0] < 1.0
+    assert report.min_rank[0.999] == 2
+    assert set(report.min_rank) == {0.9, 0.99, 0.999}
+    text = str(report)
+    assert "numerical rank 2" in text and "energy" in text
+
+
+def test_rank_report_matches_numpy_on_full_rank():
+    w = np.random.default_rng(1).normal(size=(40, 30)).astype("float32")
+    report = rank_report(w, ranks=(1, 5, 30))
+    s = np.linalg.svd(w, compute_uv=False).astype("float64")
+    for r, energy, error in zip(
+        report.ranks, report.energy, report.relative_error
+    ):
+        expected = (s[:r] ** 2).sum() / (s**2).sum()
+        assert energy == pytest.approx(expected, rel=1e-5)
+        u, sv, vt = np.linalg.svd(w.astype("float64"), full_matrices=False)
+        approx = (u[:, :r] * sv[:r]) @ vt[:r]
+        true_error = np.linalg.norm(w - approx) / np.linalg.norm(w)
+        assert error == pytest.approx(true_error, abs=1e-4)
+    cumulative = np.cumsum(s**2) / (s**2).sum()
+    assert report.min_rank[0.9] == int(np.argmax(cumulative >= 0.9) + 1)
+    assert report.numerical_rank == 30
+
+
+def test_rank_report_of_layers():
+    dense = keras.layers.Dense(6)
+    dense.build((None, 8))
+    lora = LoRADense.from_dense(dense, rank=2)
+    assert rank_report(dense).shape == (8, 6)
+    assert rank_report(lora).singular_values == pytest.approx(
+        rank_report(dense).singular_values, rel=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "bad, error", [(np.ones(3), ValueError), (np.ones((2, 2, 2)), ValueError)]
+)
+def test_rank_report_refuses_non_matrices(bad, error):
+    with pytest.raises(error, match="2-D matrix"):
+        rank_report(bad)
+
+
+def test_rank_report_bad_ranks():
+    with pytest.raises(ValueError, match="ranks=0"):
+        rank_report(np.eye(3), ranks=(0,))
+
+
+def _finetuned_with_low_rank_delta(base, delta_rank=2, seed=0):
+    tuned = keras.models.clone_model(base)
+    tuned.set_weights(base.get_weights())
+    rng = np.random.default_rng(seed)
+    for layer in tuned.layers:
+        if isinstance(layer, keras.layers.Dense):
+            d, k = layer.kernel.shape
+            delta = (
+                rng.normal(size=(d, delta_rank))
+                @ rng.normal(size=(delta_rank, k))
+            ) * 0.1
+            layer.kernel.assign(layer.kernel + delta.astype("float32"))
+            layer.bias.assign(rng.normal(size=(k,)).astype("float32"))
+    return tuned
+
+
+def test_extract_lora_reproduces_low_rank_finetune():
+    base = build_baseline_model(input_dim=12, units=(10, 6, 4), compile=False)
+    tuned = _finetuned_with_low_rank_delta(base, delta_rank=2)
+    lora, report = extract_lora(base, tuned, rank=3)
+    x = np.random.default_rng(5).normal(size=(16, 12)).astype("float32")
+    np.testing.assert_allclose(
+        lora.predict(x, verbose=0),
+        tuned.predict(x, verbose=0),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    for layer in lora.layers[1:]:
+        np.testing.assert_array_equal(
+            layer.kernel, base.get_layer(layer.name).kernel
+        )
+    assert set(report) == {"layer_1", "layer_2", "layer_3"}
+    for row in report.values():
+        assert row["energy"] == pytest.approx(1.0, abs=1e-5)
+        assert row["relative_error"] < 1e-3
+
+
+def test_extract_lora_truncates_higher_rank_delta():
+    base = build_baseline_model(input_dim=12, units=(10, 4), compile=False)
+    tuned = _finetuned_with_low_rank_delta(base, delta_rank=4)
+    _, report = extract_lora(base, tuned, rank=1)
+    row = report["layer_1"]
+    assert 0 < row["energy"] < 1 and row["relative_error"] > 0.05
+    assert row["relative_error"] == pytest.approx(
+        np.sqrt(1 - row["energy"]), rel=1e-5
+    )
+
+
+def test_extract_lora_refuses_different_architectures():
+    base = build_baseline_model(input_dim=12, units=(10, 4), compile=False)
+    other = build_baseline_model(input_dim=12, units=(9, 4), compile=False)
+    with pytest.raises(ValueError, match="'layer_1' kernel"):
+        extract_lora(base, other)
+    deeper = build_baseline_model(input_dim=12, units=(10, 4, 2), compile=False)
+    with pytest.raises(ValueError, match="'layer_3' only in finetuned"):
+        extract_lora(base, deeper)
+
+
+@pytest.mark.parametrize("rank", [2, 4, 9])
+def test_pissa_output_at_init_equals_dense(rank):
+    dense = keras.layers.Dense(6, activation="relu")
+    dense.build((None, 8))
+    lora = LoRADense.from_dense(dense, rank=rank, lora_init="pissa")
+    assert np.abs(keras.ops.convert_to_numpy(lora.lora_b)).max() > 0
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
+    np.testing.assert_allclose(lora(x), dense(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        lora.to_dense().kernel, dense.kernel, rtol=1e-5, atol=1e-6
+    )
+    # The kernel holds the residual: its top singular part was moved out.
+    residual = rank_report(keras.ops.convert_to_numpy(lora.kernel))
+    original = rank_report(dense)
+    k = min(rank, 6)
+    assert residual.singular_values[0] == pytest.approx(
+        original.singular_values[k] if k < 6 else 0.0, abs=1e-5
+    )
+
+
+def test_pissa_adapters_fingerprint_round_trip(tmp_path):
+    base = build_baseline_model(input_dim=8, units=(6, 3), compile=False)
+    lora = apply_lora(base, rank=2, lora_init="pissa")
+    for w in lora.trainable_weights:
+        w.assign(w + 0.1)
+    save_adapters(lora, tmp_path / "p.lora.h5")
+    rebuilt = apply_lora(base, rank=2, lora_init="pissa")
+    load_adapters(rebuilt, tmp_path / "p.lora.h5")
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+    np.testing.assert_array_equal(rebuilt(x), lora(x))
+    plain = apply_lora(base, rank=2)
+    with pytest.raises(ValueError, match="base_fingerprint"):
+        load_adapters(plain, tmp_path / "p.lora.h5")
+
+
+def test_gaussian_init():
+    layer = LoRADense(200, rank=16, lora_init="gaussian")
+    layer.build((None, 400))
+    a = keras.ops.convert_to_numpy(layer.lora_a)
+    assert np.all(keras.ops.convert_to_numpy(layer.lora_b) == 0)
+    # N(0, 1/r): standard deviation 1/sqrt(16) = 0.25.
+    assert a.std() == pytest.approx(0.25, rel=0.05)
+    assert abs(a.mean()) < 0.01
+
+
+def test_rslora_scale_config_and_adapter_record(tmp_path):
+    layer = LoRADense(4, rank=16, alpha=8, use_rslora=True)
+    assert layer.scale == pytest.approx(8 / 4)
+    assert LoRADense.from_config(layer.get_config()).use_rslora
+    base = build_baseline_model(input_dim=8, units=(6, 3), compile=False)
+    lora = apply_lora(base, rank=4, use_rslora=True)
+    save_adapters(lora, tmp_path / "r.lora.h5")
+    records = read_adapters(tmp_path / "r.lora.h5")
+    assert all(rec["use_rslora"] for rec, _ in records.values())
+    with pytest.raises(ValueError, match="use_rslora is True in the file"):
+        load_adapters(apply_lora(base, rank=4), tmp_path / "r.lora.h5")
