@@ -132,7 +132,7 @@ def _add_digits(subparsers):
     )
     p.add_argument("--seeds", type=_positive_int, default=3)
     p.add_argument("--ranks", type=_units, default=(1, 4, 8))
-    p.add_argument("--epochs", type=_positive_int, default=30)
+    p.add_argument("--epochs", type=_positive_int, default=20)
     p.add_argument("--format", choices=("markdown", "json"), default="markdown")
     p.set_defaults(run=_run_digits)
 

