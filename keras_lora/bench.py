@@ -123,7 +123,7 @@ def _timed(fn):
 
 
 def _stats(samples):
-    q = statistics.quantiles(samples, n=10)
+    q = statistics.quantiles(samples, n=10, method="inclusive")
     return {
         "median_s": statistics.median(samples),
         "p10_s": q[0],
