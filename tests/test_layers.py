@@ -8,6 +8,10 @@ from keras_lora import LoRADense
 BASE_KWARGS = {"units": 6, "rank": 2}
 
 
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
 class LoRADenseLayerTest(TestCase):
     def test_layer_contract(self):
         # Serialization, weight counts, symbolic and eager calls, a training
@@ -78,12 +82,12 @@ def test_fresh_layer_equals_dense_exactly(shape):
     dense = keras.layers.Dense(6, activation="tanh")
     dense.build((None, 4))
     lora = LoRADense.from_dense(dense, rank=3)
-    np.testing.assert_array_equal(lora(x), dense(x))
+    np.testing.assert_array_equal(_np(lora(x)), _np(dense(x)))
     # Built on its own with the same kernel and bias: the same output too.
     layer = _built(activation="tanh")
     layer.kernel.assign(dense.kernel)
     layer.bias.assign(dense.bias)
-    np.testing.assert_array_equal(layer(x), dense(x))
+    np.testing.assert_array_equal(_np(layer(x)), _np(dense(x)))
 
 
 def test_factorized_output_equals_merged_kernel():
@@ -95,13 +99,13 @@ def test_factorized_output_equals_merged_kernel():
     expected = x @ keras.ops.convert_to_numpy(layer.merged_kernel()) + (
         keras.ops.convert_to_numpy(layer.bias)
     )
-    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_np(layer(x)), expected, rtol=1e-5, atol=1e-5)
     a, b, w = (
         keras.ops.convert_to_numpy(v)
         for v in (layer.lora_a, layer.lora_b, layer.kernel)
     )
     np.testing.assert_allclose(
-        layer.merged_kernel(), w + layer.scale * a @ b, rtol=1e-6
+        _np(layer.merged_kernel()), w + layer.scale * a @ b, rtol=1e-6
     )
 
 
@@ -109,13 +113,13 @@ def test_dropout_only_on_lora_branch_and_only_in_training():
     layer = _built(dropout=0.5)
     layer.lora_b.assign(np.ones((2, 6), "float32"))
     x = np.ones((64, 4), "float32")
-    inference = keras.ops.convert_to_numpy(layer(x))
-    np.testing.assert_array_equal(inference, layer(x, training=False))
-    trained = keras.ops.convert_to_numpy(layer(x, training=True))
+    inference = _np(layer(x))
+    np.testing.assert_array_equal(inference, _np(layer(x, training=False)))
+    trained = _np(layer(x, training=True))
     assert not np.allclose(trained, inference)
     # With B at zero the LoRA branch is zero, so dropout changes nothing.
     layer.lora_b.assign(np.zeros((2, 6), "float32"))
-    np.testing.assert_array_equal(layer(x, training=True), layer(x))
+    np.testing.assert_array_equal(_np(layer(x, training=True)), _np(layer(x)))
 
 
 def test_compute_output_shape():
@@ -185,7 +189,7 @@ def test_integer_inputs_work_as_dense_does():
     x = np.arange(8, dtype="int32").reshape(2, 4)
     out = lora(x)
     assert keras.backend.standardize_dtype(out.dtype) == "float32"
-    np.testing.assert_array_equal(out, dense(x))
+    np.testing.assert_array_equal(_np(out), _np(dense(x)))
 
 
 def test_config_round_trip_is_identical():

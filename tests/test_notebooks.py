@@ -12,15 +12,24 @@ nbclient = pytest.importorskip("nbclient")
 FOLDER = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 EXPECTED = {
     "01_matrix_rank_and_low_rank_factorization.ipynb": [
-        "numpy rank: 2 | keras.ops rank: 2", "allclose: True",
-        "numbers in W: 100 | in B and A: 40", "numerical rank 2",
-        "1,000,000 | LoRA r=2: 4,000 | 250x fewer"],
+        "numpy rank: 2 | keras.ops rank: 2",
+        "allclose: True",
+        "numbers in W: 100 | in B and A: 40",
+        "numerical rank 2",
+        "1,000,000 | LoRA r=2: 4,000 | 250x fewer",
+    ],
     "02_lora_dense_layers.ipynb": [
-        "173,130", "11,802", "93.18%", "525,312 vs 25,600, reduction 95.13%",
-        "trainable params: 11,802 || all params: 184,474"],
+        "173,130",
+        "11,802",
+        "93.18%",
+        "525,312 vs 25,600, reduction 95.13%",
+        "trainable params: 11,802 || all params: 184,474",
+    ],
     "03_finetuning_with_lora.ipynb": [
-        "| lora_r8 |", "same predicted classes: True",
-        "reloaded adapters predict identically: True"],
+        "| lora_r8 |",
+        "same predicted classes: True",
+        "reloaded adapters predict identically: True",
+    ],
 }
 
 
@@ -41,13 +50,19 @@ def test_notebook_runs_clean(name, tmp_path, monkeypatch):
     book = nbformat.read(FOLDER / name, as_version=4)
     start = time.perf_counter()
     nbclient.NotebookClient(
-        book, timeout=600, kernel_name="python3",
+        book,
+        timeout=600,
+        kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},
     ).execute()
     seconds = time.perf_counter() - start
     print(f"{name}: {seconds:.0f} s")
-    errors = [o for c in book.cells for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
+    errors = [
+        o
+        for c in book.cells
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors
     text = _text(book)
     for figure in EXPECTED[name]:
@@ -59,9 +74,11 @@ def test_notebook_committed_with_outputs(name):
     book = nbformat.read(FOLDER / name, as_version=4)
     code = [c for c in book.cells if c.cell_type == "code"]
     assert code and all(c.get("outputs") for c in code), (
-        "run the notebook and commit it with its outputs")
-    assert not any(o.get("output_type") == "error"
-                   for c in code for o in c["outputs"])
+        "run the notebook and commit it with its outputs"
+    )
+    assert not any(
+        o.get("output_type") == "error" for c in code for o in c["outputs"]
+    )
     text = _text(book)
     for figure in EXPECTED[name]:
         assert figure in text, figure
