@@ -195,3 +195,43 @@ def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
         save_adapters(_trained(_base(), seed=2), path)
     assert path.read_bytes() == original
     assert os.listdir(tmp_path) == ["a.lora.h5"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax", "tensorflow"])
+def test_adapters_saved_under_one_backend_load_under_this_one(
+    backend, tmp_path
+):
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    scripts = os.path.join(os.path.dirname(__file__), "scripts")
+    path = tmp_path / f"{backend}.lora.h5"
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(scripts, "adapters_on_backend.py"),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "KERAS_BACKEND": backend,
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+        },
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"saved under {backend}" in done.stdout
+    sys.path.insert(0, scripts)
+    try:
+        from adapters_on_backend import fixed_lora_model
+    finally:
+        sys.path.remove(scripts)
+    base, expected = fixed_lora_model()
+    target = apply_lora(base, rank=2)
+    load_adapters(target, path)
+    _assert_same(_snapshot(target), _snapshot(expected))
