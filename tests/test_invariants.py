@@ -103,3 +103,15 @@ def test_frozen_model_changes_nothing():
     model.fit(*_data(), epochs=1, verbose=0)
     for path, value in _snapshot(model).items():
         np.testing.assert_array_equal(value, before[path], err_msg=path)
+
+
+def test_keras_builtin_lora_unfreezes_its_kernel_on_toggle():
+    # The peer behaviour the README contrasts with: Keras's Dense(lora_rank)
+    # freezes its kernel by flag, and a trainable toggle flips it back.
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, lora_rank=2)]
+    )
+    assert "kernel" not in {w.name for w in model.trainable_weights}
+    model.trainable = False
+    model.trainable = True
+    assert "kernel" in {w.name for w in model.trainable_weights}

@@ -97,3 +97,29 @@ def test_mixed_precision_model_trains_and_saves(policy, tmp_path):
     np.testing.assert_array_equal(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0)
     )
+
+
+def test_keras_builtin_lora_loses_its_adapters_on_reload(tmp_path):
+    # The peer behaviour the README contrasts with: Dense(lora_rank=...)
+    # merges A @ B into the kernel on save and reloads with A = B = 0, from
+    # which no gradient can move them again.
+    model = keras.Sequential(
+        [keras.Input((16,)), keras.layers.Dense(4, lora_rank=2, name="d")]
+    )
+    model.compile(optimizer="adam", loss="mse")
+    x, _ = _data()
+    model.fit(x, np.ones((64, 4), "float32"), epochs=2, verbose=0)
+    assert (
+        np.abs(
+            keras.ops.convert_to_numpy(model.get_layer("d").lora_kernel_b)
+        ).max()
+        > 0
+    )
+    model.save(tmp_path / "builtin.keras")
+    loaded = keras.models.load_model(tmp_path / "builtin.keras")
+    layer = loaded.get_layer("d")
+    for name in ("lora_kernel_a", "lora_kernel_b"):
+        assert not np.any(keras.ops.convert_to_numpy(getattr(layer, name)))
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
+    )
