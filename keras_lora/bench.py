@@ -19,6 +19,7 @@ optimizer slots, activations and the traced step, but not the model's own
 weights.
 """
 
+import argparse
 import json
 import os
 import statistics
@@ -62,15 +63,9 @@ def add_arguments(parser):
         "--json", action="store_true", help="print the figures as JSON"
     )
     parser.add_argument(
-        "--memory-probe", choices=VARIANTS, help=argparse_suppress()
+        "--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS
     )
     parser.set_defaults(run=run)
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def _positive(text):
