@@ -3,6 +3,15 @@
 import keras
 
 
+def require_model(model):
+    """Raises `TypeError` unless `model` is a `keras.Model`."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"Expected a `keras.Model`. Received: model={model!r} of type "
+            f"{type(model).__name__}"
+        )
+
+
 def walk(model, prefix=""):
     """Yields `(path, layer)` for every layer under `model`, depth first.
 

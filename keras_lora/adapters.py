@@ -46,11 +46,7 @@ def kernel_fingerprint(kernel):
 
 
 def _lora_layers(model):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"Expected a `keras.Model`. Received: model={model!r} of type "
-            f"{type(model).__name__}"
-        )
+    _tree.require_model(model)
     layers = _tree.find(model, LoRADense)
     if not layers:
         raise ValueError(

@@ -20,11 +20,7 @@ def _clone(model, replace):
     and given a copy of their weights, so the clone shares no variable with
     `model`. Returns `(clone, kept)`: `kept` lists the copied layers.
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"Expected a `keras.Model`. Received: model={model!r} of type "
-            f"{type(model).__name__}"
-        )
+    _tree.require_model(model)
     copies = []
 
     def clone_function(layer):
@@ -162,11 +158,7 @@ def apply_lora(
     """
     _checks.unit_interval("dropout", dropout)
     _checks.boolean("train_bias", train_bias)
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"Expected a `keras.Model`. Received: model={model!r} of type "
-            f"{type(model).__name__}"
-        )
+    _tree.require_model(model)
     selected = _select(model, targets)
     chosen = {id(layer) for layer in selected.values()}
     rank_of = _per_layer("rank", rank, selected, 8, _checks.positive_int)
@@ -201,10 +193,9 @@ def merge_lora(model):
     changed, and nothing is built if any layer's merged kernel is not
     finite.
     """
-    lora = (
-        _tree.find(model, LoRADense) if isinstance(model, keras.Model) else {}
-    )
-    if isinstance(model, keras.Model) and not lora:
+    _tree.require_model(model)
+    lora = _tree.find(model, LoRADense)
+    if not lora:
         raise ValueError(
             f"Expected a model with at least one LoRADense. Received: model="
             f"'{model.name}' with none."
