@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_lora.layers import LoRADense
+
 
 def require_model(model):
     """Raises `TypeError` unless `model` is a `keras.Model`."""
@@ -31,3 +33,25 @@ def find(model, kind):
     return {
         path: layer for path, layer in walk(model) if isinstance(layer, kind)
     }
+
+
+def lora_layers(model):
+    """Returns `{path: LoRADense}` of a model that must have built ones.
+
+    Raises `TypeError` for a non-model, `ValueError` for a model with no
+    LoRADense or with an unbuilt one.
+    """
+    require_model(model)
+    layers = find(model, LoRADense)
+    if not layers:
+        raise ValueError(
+            f"Expected a model with at least one LoRADense. Received: model="
+            f"'{model.name}' with none."
+        )
+    for path, layer in layers.items():
+        if not layer.built:
+            raise ValueError(
+                f"Expected a built model. Received: LoRADense '{path}' is not "
+                "built; call the model on an input first."
+            )
+    return layers

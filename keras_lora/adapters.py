@@ -19,7 +19,6 @@ import keras
 import numpy as np
 
 from keras_lora import _tree
-from keras_lora.layers import LoRADense
 
 FORMAT = "keras_lora.adapters"
 VERSION = 1
@@ -43,23 +42,6 @@ def kernel_fingerprint(kernel):
     digest = hashlib.sha256(repr(array.shape).encode())
     digest.update(array.tobytes())
     return "sha256:" + digest.hexdigest()
-
-
-def _lora_layers(model):
-    _tree.require_model(model)
-    layers = _tree.find(model, LoRADense)
-    if not layers:
-        raise ValueError(
-            f"Expected a model with at least one LoRADense. Received: model="
-            f"'{model.name}' with none."
-        )
-    for path, layer in layers.items():
-        if not layer.built:
-            raise ValueError(
-                f"Expected a built model. Received: LoRADense '{path}' is not "
-                "built; call the model on an input first."
-            )
-    return layers
 
 
 def _record(path, layer):
@@ -91,7 +73,7 @@ def save_adapters(model, path):
     Returns:
         The list of per-layer records written (dicts).
     """
-    layers = _lora_layers(model)
+    layers = _tree.lora_layers(model)
     path = os.fspath(path)
     records = [_record(p, layer) for p, layer in layers.items()]
     folder = os.path.dirname(os.path.abspath(path))
@@ -202,7 +184,7 @@ def load_adapters(model, path):
     checked first. On any mismatch an `AdapterMismatchError` lists every
     problem and the model is left exactly as it was.
     """
-    layers = _lora_layers(model)
+    layers = _tree.lora_layers(model)
     saved = read_adapters(path)
     problems = _problems(layers, saved)
     if problems:

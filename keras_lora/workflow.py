@@ -193,13 +193,7 @@ def merge_lora(model):
     changed, and nothing is built if any layer's merged kernel is not
     finite.
     """
-    _tree.require_model(model)
-    lora = _tree.find(model, LoRADense)
-    if not lora:
-        raise ValueError(
-            f"Expected a model with at least one LoRADense. Received: model="
-            f"'{model.name}' with none."
-        )
+    lora = _tree.lora_layers(model)
     merged = {id(layer): layer.to_dense() for layer in lora.values()}
     clone, _ = _clone(model, lambda layer: merged.get(id(layer)))
     return clone
