@@ -161,7 +161,7 @@ CASES = {
     "from_dense on unbuilt Dense": (
         _unbuilt_dense,
         ValueError,
-        "Expected a built Dense",
+        "it is not built",
     ),
     "apply_lora bad rank": (_apply(rank=0), ValueError, "rank=0"),
     "apply_lora bool rank": (_apply(rank=True), ValueError, "rank=True"),

@@ -243,32 +243,67 @@ def test_merge_lora_refuses_nan_and_changes_nothing():
         merge_lora(functional_model())
 
 
-def test_from_dense_copies_and_keeps_identity():
+def _every_argument_dense():
     dense = keras.layers.Dense(
-        4, activation="tanh", name="pre", kernel_regularizer="l2"
+        4,
+        activation="tanh",
+        use_bias=True,
+        kernel_initializer="he_normal",
+        bias_initializer="ones",
+        kernel_regularizer="l2",
+        bias_regularizer="l1",
+        activity_regularizer=keras.regularizers.L1L2(0.01, 0.02),
+        bias_constraint="non_neg",
+        name="pre",
+        dtype="float64",
     )
     dense.build((None, 3))
+    return dense
+
+
+def _dense_config(layer):
+    config = keras.saving.serialize_keras_object(layer)["config"]
+    config.pop("trainable", None)
+    return config
+
+
+def test_from_dense_and_to_dense_keep_every_dense_argument():
+    dense = _every_argument_dense()
     lora = LoRADense.from_dense(dense, rank=2, alpha=4, use_rslora=True)
-    assert (lora.name, lora.activation, lora.units) == (
-        "pre",
-        dense.activation,
-        4,
-    )
     assert lora.built and lora.rank == 2 and lora.use_rslora
-    assert lora.kernel_regularizer is dense.kernel_regularizer
+    config = lora.get_config()
+    for key, value in _dense_config(dense).items():
+        if key not in ("kernel_constraint", "quantization_config"):
+            assert config[key] == value, key
+    assert lora.activity_regularizer.get_config() == (
+        dense.activity_regularizer.get_config()
+    )
+    assert lora.bias.constraint is not None
     np.testing.assert_array_equal(lora.kernel, dense.kernel)
     lora.kernel.assign(np.zeros((3, 4)))
     assert np.abs(keras.ops.convert_to_numpy(dense.kernel)).sum() > 0
+    back = lora.to_dense()
+    assert _dense_config(back) == _dense_config(dense)
+    assert back.activity_regularizer.get_config() == (
+        dense.activity_regularizer.get_config()
+    )
+
+
+def test_from_dense_refuses_a_kernel_constraint_by_name():
+    dense = keras.layers.Dense(4, kernel_constraint="non_neg")
+    dense.build((None, 3))
+    with pytest.raises(ValueError, match="kernel_constraint"):
+        LoRADense.from_dense(dense, rank=2)
 
 
 @pytest.mark.parametrize(
     "make, error, needle",
     [
-        (lambda: keras.layers.Dense(3), ValueError, "Expected a built Dense"),
+        (lambda: keras.layers.Dense(3), ValueError, "it is not built"),
         (
             lambda: keras.layers.ReLU(),
             TypeError,
-            "Expected a `keras.layers.Dense`",
+            "it is a ReLU, not a Dense",
         ),
         (lambda: _built_dense(lora_rank=2), ValueError, "built-in LoRA"),
     ],

@@ -1,0 +1,34 @@
+"""The LoRA layers, one module per kind of base layer.
+
+`LORA_LAYERS` lists every kind; `lora_class_for(layer)` answers which LoRA
+layer adapts a given Keras layer, so the tree walk and the workflow ask a
+layer what it is rather than testing each class in turn.
+"""
+
+from keras_lora.layers.base import LORA_INITS, LORA_KEYS, LoRALayer
+from keras_lora.layers.dense import LoRADense
+
+LORA_LAYERS = (LoRADense,)
+
+
+def lora_class_for(layer):
+    """Returns the LoRA class that adapts `layer`, or None.
+
+    A LoRA layer itself, and any layer no LoRA class adapts, give None.
+    """
+    if isinstance(layer, LoRALayer):
+        return None
+    for cls in LORA_LAYERS:
+        if isinstance(layer, cls.base_class):
+            return cls
+    return None
+
+
+__all__ = [
+    "LORA_INITS",
+    "LORA_KEYS",
+    "LORA_LAYERS",
+    "LoRADense",
+    "LoRALayer",
+    "lora_class_for",
+]

@@ -1,0 +1,378 @@
+"""`LoRALayer`: the one LoRA idea every layer kind shares.
+
+A LoRA layer keeps a pretrained weight frozen and learns a low-rank update
+`scale * A @ B` of the linear map that weight defines. What differs between
+layer kinds is only how the frozen weight is laid out and how the factorised
+update is applied; this base holds everything else:
+
+- rank, alpha, scale (alpha / r, or alpha / sqrt(r) for rsLoRA), dropout on
+  the LoRA branch, the factors' initialisation (default, gaussian, PiSSA),
+  the bias flag and the argument checks;
+- the `lora_` part of `get_config`;
+- the linear-map view (`kernel_matrix`, `delta_matrix`) that merging, PiSSA,
+  rank reports, extraction and adapter files use;
+- conversion from and to the base Keras layer (`from_base`, `to_base`).
+
+A subclass sets `base_class` and `frozen_name` and adds its shapes (`build`),
+its factorised `call`, and, if its kernel's axes are not already
+`(*inputs, *outputs)`, `_to_matrix` / `_from_matrix`.
+
+Sources:
+- Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021,
+  arXiv:2106.09685 (scaling alpha / r, B initialised at zero).
+- Kalajdzievski, 2023, arXiv:2312.03732 (rsLoRA, alpha / sqrt(r)).
+- Meng et al., "PiSSA", 2024, arXiv:2404.02948 (SVD initialisation).
+- microsoft/LoRA `loralib/layers.py` (one `LoRALayer` mixin for every kind).
+"""
+
+import math
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora import _checks
+from keras_lora.linalg import svd_factors
+
+LORA_INITS = ("default", "gaussian", "pissa")
+LORA_KEYS = (
+    "rank",
+    "alpha",
+    "dropout",
+    "lora_a_initializer",
+    "lora_b_initializer",
+    "lora_regularizer",
+    "train_bias",
+    "use_rslora",
+    "lora_init",
+)
+# Base-layer config keys of Keras's own LoRA and quantization, which
+# `check_base` has already refused when set.
+_REFUSED = ("lora_rank", "lora_alpha", "quantization_config")
+
+
+class LoRALayer(keras.layers.Layer):
+    """Base of every keras_lora layer: a frozen weight plus `scale * A @ B`.
+
+    Args:
+        rank: Positive integer, the rank `r` of the update.
+        alpha: Positive float, the LoRA scaling numerator. Defaults to `rank`.
+        dropout: Float in [0, 1), dropout on the LoRA branch's input during
+            training only.
+        lora_a_initializer: Initializer for `lora_a`; defaults to
+            `"he_uniform"`. Must be left unset with `lora_init="gaussian"`.
+        lora_b_initializer: Initializer for `lora_b`; defaults to zeros.
+        lora_regularizer: Regularizer for both `lora_a` and `lora_b`.
+        train_bias: Boolean, whether the bias (if any) trains.
+        use_rslora: Boolean; `scale = alpha / sqrt(rank)` instead of
+            `alpha / rank`.
+        lora_init: `"default"`, `"gaussian"` (`lora_a ~ N(0, 1/rank)`,
+            `lora_b = 0`) or `"pissa"` (the factors take the top-`rank`
+            singular part of the frozen weight, which keeps the residual;
+            applied by `from_base` or `pissa_split()`, never on a reload).
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Reference:
+        Hu et al., 2021, arXiv:2106.09685.
+    """
+
+    base_class = None
+    frozen_name = "kernel"
+
+    def __init__(
+        self,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        lora_a_initializer=None,
+        lora_b_initializer="zeros",
+        lora_regularizer=None,
+        train_bias=True,
+        use_rslora=False,
+        lora_init="default",
+        **kwargs,
+    ):
+        _checks.positive_int("rank", rank)
+        if alpha is not None:
+            _checks.positive_number("alpha", alpha)
+        _checks.unit_interval("dropout", dropout)
+        _checks.boolean("train_bias", train_bias)
+        _checks.boolean("use_rslora", use_rslora)
+        _checks.one_of("lora_init", lora_init, LORA_INITS)
+        if lora_init == "gaussian" and lora_a_initializer is not None:
+            raise ValueError(
+                "Expected `lora_a_initializer` to be unset with "
+                "lora_init='gaussian', which draws lora_a ~ N(0, 1/rank). "
+                f"Received: lora_a_initializer={lora_a_initializer!r}; use "
+                "lora_init='default' to keep your initializer."
+            )
+        super().__init__(**kwargs)
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.dropout = float(dropout)
+        self.lora_a_initializer = (
+            None
+            if lora_a_initializer is None
+            else keras.initializers.get(lora_a_initializer)
+        )
+        self.lora_b_initializer = keras.initializers.get(lora_b_initializer)
+        self.lora_regularizer = keras.regularizers.get(lora_regularizer)
+        self.train_bias = train_bias
+        self.use_rslora = use_rslora
+        self.lora_init = lora_init
+        self.seed_generator = (
+            keras.random.SeedGenerator() if self.dropout > 0 else None
+        )
+
+    @property
+    def scale(self):
+        """The factor applied to `lora_a @ lora_b`."""
+        if self.use_rslora:
+            return self.alpha / math.sqrt(self.rank)
+        return self.alpha / self.rank
+
+    def _add_lora_weights(self, a_shape, b_shape):
+        """Creates `lora_a` of `a_shape + (rank,)` and `lora_b` of
+        `(rank,) + b_shape`, where `a_shape` holds the map's input axes and
+        `b_shape` its output axes."""
+        fan_in, fan_out = math.prod(a_shape), math.prod(b_shape)
+        self._warn_if_rank_too_large(fan_in, fan_out)
+        if self.lora_init == "gaussian":
+            a_init = keras.initializers.RandomNormal(
+                stddev=1.0 / math.sqrt(self.rank)
+            )
+            b_init = "zeros"
+        else:
+            a_init = self.lora_a_initializer or "he_uniform"
+            b_init = self.lora_b_initializer
+        self.lora_a = self.add_weight(
+            name="lora_a",
+            shape=tuple(a_shape) + (self.rank,),
+            initializer=a_init,
+            regularizer=self.lora_regularizer,
+        )
+        self.lora_b = self.add_weight(
+            name="lora_b",
+            shape=(self.rank,) + tuple(b_shape),
+            initializer=b_init,
+            regularizer=self.lora_regularizer,
+        )
+
+    def _warn_if_rank_too_large(self, fan_in, fan_out):
+        if self.rank > min(fan_in, fan_out):
+            warnings.warn(
+                f"{type(self).__name__} '{self.name}': rank={self.rank} is "
+                f"larger than min(in, out) = min({fan_in}, {fan_out}), the "
+                "largest rank its update can have; the extra rank only adds "
+                "parameters.",
+                stacklevel=3,
+            )
+
+    def _add_bias(self, shape, initializer, regularizer, constraint):
+        return self.add_weight(
+            name="bias",
+            shape=tuple(shape),
+            initializer=initializer,
+            regularizer=regularizer,
+            constraint=constraint,
+            trainable=self.train_bias,
+        )
+
+    def _lora_inputs(self, inputs, training):
+        if training and self.seed_generator is not None:
+            return keras.random.dropout(
+                inputs, self.dropout, seed=self.seed_generator
+            )
+        return inputs
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "lora_a_initializer": (
+                None
+                if self.lora_a_initializer is None
+                else keras.initializers.serialize(self.lora_a_initializer)
+            ),
+            "lora_b_initializer": keras.initializers.serialize(
+                self.lora_b_initializer
+            ),
+            "lora_regularizer": keras.regularizers.serialize(
+                self.lora_regularizer
+            ),
+            "train_bias": self.train_bias,
+            "use_rslora": self.use_rslora,
+            "lora_init": self.lora_init,
+        }
+
+    # The linear-map view: every kind's frozen weight is a matrix
+    # (in_features, out_features) up to a fixed permutation and reshape.
+
+    @property
+    def frozen_weight(self):
+        """The frozen base weight (`kernel`, or `embeddings`)."""
+        return getattr(self, self.frozen_name)
+
+    def _to_matrix(self, kernel):
+        # (*in_axes, *out_axes) -> (in_features, out_features)
+        fan_in = math.prod(self.lora_a.shape[:-1])
+        return ops.reshape(kernel, (fan_in, -1))
+
+    def _from_matrix(self, matrix):
+        return ops.reshape(matrix, self.frozen_weight.shape)
+
+    def kernel_matrix(self):
+        """The frozen weight as an (in_features, out_features) matrix."""
+        self._require_built("kernel_matrix")
+        return self._to_matrix(ops.convert_to_tensor(self.frozen_weight))
+
+    def delta_matrix(self):
+        """`scale * A @ B` as an (in_features, out_features) matrix."""
+        self._require_built("delta_matrix")
+        # (in, r) @ (r, out) -> (in, out)
+        a = ops.reshape(self.lora_a, (-1, self.rank))
+        b = ops.reshape(self.lora_b, (self.rank, -1))
+        return ops.multiply(ops.matmul(a, b), self.scale)
+
+    def merged_kernel(self):
+        """Returns the frozen weight plus the update, in the weight's shape."""
+        self._require_built("merged_kernel")
+        delta = self._from_matrix(self.delta_matrix())
+        weight = self.frozen_weight
+        return ops.add(weight, ops.cast(delta, weight.dtype))
+
+    def pissa_split(self):
+        """Folds the current update in, then moves the top-`rank` singular
+        part of the result into the factors.
+
+        After the call the frozen weight holds the residual and
+        `scale * lora_a @ lora_b` the best rank-`rank` approximation of the
+        merged weight, so the layer's output is unchanged up to rounding,
+        whether or not the layer has trained.
+        """
+        self._require_built("pissa_split")
+        merged = self._to_matrix(self.merged_kernel())
+        a, b = svd_factors(merged, self.rank, self.scale)
+        # (in, r) @ (r, out) -> (in, out)
+        residual = ops.subtract(
+            ops.cast(merged, "float32"), self.scale * ops.matmul(a, b)
+        )
+        self.frozen_weight.assign(self._from_matrix(residual))
+        self.lora_a.assign(ops.reshape(a, self.lora_a.shape))
+        self.lora_b.assign(ops.reshape(b, self.lora_b.shape))
+
+    def _require_built(self, method):
+        if not self.built:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' is not built, so "
+                f"`{method}()` has no weights to use. Call the layer on an "
+                "input or call `layer.build(input_shape)` first."
+            )
+
+    # Conversion from and to the base Keras layer.
+
+    @classmethod
+    def check_base(cls, layer):
+        """Returns None if `from_base(layer)` can work, else the reason."""
+        if not isinstance(layer, cls.base_class):
+            return (
+                f"it is a {type(layer).__name__}, not a "
+                f"{cls.base_class.__name__}"
+            )
+        if not layer.built:
+            return "it is not built: call the model on an input first"
+        if getattr(layer, "lora_enabled", False):
+            return (
+                "it uses Keras's built-in LoRA (lora_rank="
+                f"{layer.lora_rank}); build it without `lora_rank`"
+            )
+        if getattr(layer, "quantization_mode", None) is not None:
+            return (
+                "it is quantized (quantization_mode="
+                f"{layer.quantization_mode!r}); expected a float layer"
+            )
+        return None
+
+    @classmethod
+    def from_base(cls, layer, rank=8, alpha=None, dropout=0.0, **lora_kwargs):
+        """Returns a built LoRA layer that starts from `layer`'s weights.
+
+        Every argument of `layer` is kept (name, activation, dtype policy,
+        initializers, regularizers, constraints on the trainable bias), its
+        weights are copied by value (`layer` is not changed and shares no
+        buffer with the result), and the new layer computes exactly what
+        `layer` computes until it trains. With `lora_init="pissa"` the
+        weight is split here, once.
+
+        Args:
+            layer: A built instance of `base_class`.
+            rank, alpha, dropout: As in the class.
+            **lora_kwargs: Other LoRA arguments, e.g. `train_bias`,
+                `use_rslora` or `lora_init`.
+        """
+        reason = cls.check_base(layer)
+        if reason is not None:
+            error = TypeError if "not a " in reason else ValueError
+            raise error(
+                f"Expected a built, float {cls.base_class.__name__} without "
+                f"Keras's LoRA. Received: layer='{getattr(layer, 'name', '')}'"
+                f" ({type(layer).__name__}): {reason}."
+            )
+        config = {**cls._config_from_base(layer), **lora_kwargs}
+        new = cls(rank=rank, alpha=alpha, dropout=dropout, **config)
+        new.build_from_config(layer.get_build_config())
+        by_name = {v.name: v for v in new.weights}
+        for variable in layer.weights:
+            if variable.name in by_name:
+                by_name[variable.name].assign(
+                    np.array(ops.convert_to_numpy(variable))
+                )
+        if new.lora_init == "pissa":
+            new.pissa_split()
+        return new
+
+    @classmethod
+    def _config_from_base(cls, layer):
+        config = layer.get_config()
+        for key in _REFUSED + ("trainable",):
+            config.pop(key, None)
+        if layer.activity_regularizer is not None:
+            config["activity_regularizer"] = layer.activity_regularizer
+        return config
+
+    def to_base(self):
+        """Returns a built base layer whose frozen weight is merged.
+
+        Every base argument is kept, and the other weights (the bias) are
+        copied by value. Raises `ValueError` naming the layer, before
+        creating anything, if the merged weight holds NaN or inf.
+        """
+        merged = np.array(ops.convert_to_numpy(self.merged_kernel()))
+        if not np.all(np.isfinite(merged)):
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' cannot be merged: its "
+                "merged weight holds NaN or inf. Expected finite weights; "
+                "check the training run or reload the adapters."
+            )
+        config = self.get_config()
+        for key in LORA_KEYS + ("trainable",):
+            config.pop(key, None)
+        if self.activity_regularizer is not None:
+            config["activity_regularizer"] = self.activity_regularizer
+        base = self._base_class_for_merge().from_config(config)
+        base.build_from_config(self.get_build_config())
+        values = {v.name: v for v in self.weights}
+        for variable in base.weights:
+            if variable.name == self.frozen_name:
+                variable.assign(merged)
+            elif variable.name in values:
+                variable.assign(
+                    np.array(ops.convert_to_numpy(values[variable.name]))
+                )
+        return base
+
+    def _base_class_for_merge(self):
+        return self.base_class

@@ -1,0 +1,202 @@
+"""`LoRADense`: a Dense layer with a frozen kernel and a low-rank update."""
+
+import keras
+from keras import ops
+
+from keras_lora import _checks
+from keras_lora.layers.base import LoRALayer
+from keras_lora.linalg import frozen_matmul
+
+
+def refuse_kernel_constraint(layer_name, kernel_constraint):
+    """A constraint on a frozen kernel never applies; refuse it by name."""
+    if kernel_constraint is not None:
+        raise ValueError(
+            "Expected kernel_constraint=None: the kernel is frozen, so a "
+            f"constraint on it would never apply. Received: "
+            f"kernel_constraint={kernel_constraint!r} for '{layer_name}'. "
+            "Constrain the merged layer after `merge_lora` instead."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRADense(LoRALayer):
+    """Densely-connected layer with a frozen kernel and a trainable LoRA update.
+
+    The pretrained kernel `W` (in x units) never trains. Fine-tuning learns
+    two small factors, `lora_a` (in x rank) and `lora_b` (rank x units), and
+    the layer computes
+
+    `activation(x @ W + scale * ((dropout(x) @ lora_a) @ lora_b) + bias)`
+
+    in that factorised order, so a step never forms an in x units update.
+    `lora_b` starts at zero, so a fresh layer computes exactly what a `Dense`
+    with the same kernel and bias computes.
+
+    The kernel is created non-trainable and stays so: neither
+    `layer.trainable = True` nor toggling `model.trainable` makes it
+    trainable. Train the whole matrix with `to_dense()` instead.
+
+    Args:
+        units: Positive integer, dimensionality of the output space.
+        rank, alpha, dropout, lora_a_initializer, lora_b_initializer,
+            lora_regularizer, train_bias, use_rslora, lora_init: The LoRA
+            arguments, as in `LoRALayer`.
+        activation: Activation function to use. Defaults to none.
+        use_bias: Boolean, whether the layer uses a bias vector.
+        kernel_initializer: Initializer for the frozen kernel.
+        bias_initializer: Initializer for the bias vector.
+        kernel_regularizer: Regularizer for the kernel.
+        bias_regularizer: Regularizer for the bias.
+        kernel_constraint: Must be None: the kernel is frozen.
+        bias_constraint: Constraint for the (trainable) bias.
+        **kwargs: Base layer keyword arguments, such as `name`, `dtype` and
+            `activity_regularizer`.
+
+    Call arguments:
+        inputs: A tensor of rank >= 2 whose last dimension is `in`.
+        training: Python boolean; enables dropout on the LoRA branch.
+
+    Input shape:
+        N-D tensor with shape `(batch_size, ..., in)`.
+
+    Output shape:
+        N-D tensor with shape `(batch_size, ..., units)`.
+
+    Example:
+
+    >>> layer = LoRADense(16, rank=4)
+    >>> layer(keras.ops.ones((2, 32))).shape
+    (2, 16)
+    >>> [w.name for w in layer.trainable_weights]
+    ['lora_a', 'lora_b', 'bias']
+
+    Reference:
+        Hu et al., 2021, arXiv:2106.09685.
+    """
+
+    base_class = keras.layers.Dense
+
+    def __init__(
+        self,
+        units,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        **kwargs,
+    ):
+        _checks.positive_int("units", units)
+        _checks.boolean("use_bias", use_bias)
+        refuse_kernel_constraint(kwargs.get("name"), kernel_constraint)
+        super().__init__(rank=rank, alpha=alpha, dropout=dropout, **kwargs)
+        self.units = units
+        self.activation = keras.activations.get(activation)
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.input_spec = keras.InputSpec(min_ndim=2)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        input_dim = input_shape[-1]
+        if input_dim is None:
+            raise ValueError(
+                f"LoRADense '{self.name}' needs a known last input dimension. "
+                f"Received: input_shape={tuple(input_shape)}"
+            )
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(input_dim, self.units),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            trainable=False,
+        )
+        self._add_lora_weights((input_dim,), (self.units,))
+        self.bias = None
+        if self.use_bias:
+            self.bias = self._add_bias(
+                (self.units,),
+                self.bias_initializer,
+                self.bias_regularizer,
+                self.bias_constraint,
+            )
+        self.input_spec = keras.InputSpec(min_ndim=2, axes={-1: input_dim})
+
+    def call(self, inputs, training=None):
+        if not keras.backend.is_float_dtype(inputs.dtype):
+            inputs = ops.cast(inputs, self.compute_dtype)
+        kernel = ops.cast(self.kernel, self.compute_dtype)
+        # (..., in) @ (in, units) -> (..., units); no gradient reaches W.
+        outputs = frozen_matmul(inputs, kernel)
+        lora_inputs = self._lora_inputs(inputs, training)
+        # (..., in) @ (in, r) -> (..., r); (..., r) @ (r, units) -> (..., units)
+        update = ops.matmul(ops.matmul(lora_inputs, self.lora_a), self.lora_b)
+        outputs = ops.add(outputs, ops.multiply(update, self.scale))
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.units,)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "activation": keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+            "bias_initializer": keras.initializers.serialize(
+                self.bias_initializer
+            ),
+            "kernel_regularizer": keras.regularizers.serialize(
+                self.kernel_regularizer
+            ),
+            "bias_regularizer": keras.regularizers.serialize(
+                self.bias_regularizer
+            ),
+            "kernel_constraint": None,
+            "bias_constraint": keras.constraints.serialize(
+                self.bias_constraint
+            ),
+        }
+
+    @classmethod
+    def from_dense(cls, dense, rank=8, alpha=None, dropout=0.0, **lora_kwargs):
+        """Returns a built LoRADense that starts from a Dense's weights.
+
+        See `LoRALayer.from_base`: every Dense argument is kept, a set
+        `kernel_constraint` is refused by name, and the output equals the
+        Dense's output exactly until the layer trains.
+
+        Example:
+
+        >>> dense = keras.layers.Dense(8)
+        >>> dense.build((None, 4))
+        >>> lora = LoRADense.from_dense(dense, rank=2)
+        >>> x = keras.ops.ones((1, 4))
+        >>> bool(keras.ops.all(lora(x) == dense(x)))
+        True
+        """
+        return cls.from_base(
+            dense, rank=rank, alpha=alpha, dropout=dropout, **lora_kwargs
+        )
+
+    def to_dense(self):
+        """Returns a built `keras.layers.Dense` whose kernel is merged."""
+        return self.to_base()
