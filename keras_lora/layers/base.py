@@ -79,6 +79,7 @@ class LoRALayer(keras.layers.Layer):
 
     base_class = None
     frozen_name = "kernel"
+    default_lora_a_initializer = "he_uniform"
 
     def __init__(
         self,
@@ -144,7 +145,9 @@ class LoRALayer(keras.layers.Layer):
             )
             b_init = "zeros"
         else:
-            a_init = self.lora_a_initializer or "he_uniform"
+            a_init = (
+                self.lora_a_initializer or self.default_lora_a_initializer
+            )
             b_init = self.lora_b_initializer
         self.lora_a = self.add_weight(
             name="lora_a",
