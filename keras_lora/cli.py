@@ -130,9 +130,20 @@ def _add_digits(subparsers):
         "digits",
         help="fine-tune on inverted digits: full vs LoRA (needs scikit-learn)",
     )
-    p.add_argument("--seeds", type=_positive_int, default=3)
-    p.add_argument("--ranks", type=_units, default=(1, 4, 8))
-    p.add_argument("--epochs", type=_positive_int, default=20)
+    # No defaults here: keras_lora.digits holds them (SEEDS, RANKS, EPOCHS).
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        help="run seeds 0..N-1 (default: digits.SEEDS)",
+    )
+    p.add_argument(
+        "--ranks", type=_units, help="LoRA ranks (default: digits.RANKS)"
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        help="adaptation epochs (default: digits.EPOCHS)",
+    )
     p.add_argument("--format", choices=("markdown", "json"), default="markdown")
     p.set_defaults(run=_run_digits)
 
@@ -142,8 +153,13 @@ def _run_digits(args):
 
     from keras_lora import digits
 
+    given = {
+        "seeds": None if args.seeds is None else tuple(range(args.seeds)),
+        "ranks": args.ranks,
+        "epochs": args.epochs,
+    }
     _, results = digits.run_experiment(
-        seeds=tuple(range(args.seeds)), ranks=args.ranks, epochs=args.epochs
+        **{key: value for key, value in given.items() if value is not None}
     )
     if args.format == "json":
         return json.dumps([digits.summary(r) for r in results], indent=2)

@@ -171,3 +171,51 @@ def test_rank_report_cli_errors(capsys, saved_models, argv, needle):
     argv = [a.format(tuned=saved_models / "tuned.keras") for a in argv]
     status, _, err = run(capsys, *argv)
     assert status == 2 and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["digits"], {}),
+        (["digits", "--seeds", "2"], {"seeds": (0, 1)}),
+        (["digits", "--ranks", "2,16"], {"ranks": (2, 16)}),
+        (["digits", "--epochs", "5"], {"epochs": 5}),
+    ],
+)
+def test_digits_defaults_are_the_modules(capsys, monkeypatch, argv, expected):
+    from keras_lora import digits
+
+    calls = []
+
+    def record(**kwargs):
+        calls.append(kwargs)
+        return None, []
+
+    monkeypatch.setattr(digits, "run_experiment", record)
+    status, out, _ = run(capsys, *argv)
+    assert status == 0 and out.startswith("| method |")
+    assert calls == [expected]
+
+
+def test_digits_module_defaults_agree():
+    import inspect
+
+    from keras_lora import digits
+
+    def defaults(fn):
+        return {
+            name: p.default
+            for name, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+
+    assert defaults(digits.run_experiment) == {
+        "seeds": digits.SEEDS,
+        "ranks": digits.RANKS,
+        "epochs": digits.EPOCHS,
+        "pretrain_epochs": digits.PRETRAIN_EPOCHS,
+    }
+    assert defaults(digits.pretrain)["epochs"] == digits.PRETRAIN_EPOCHS
+    assert defaults(digits.adapt)["epochs"] == digits.EPOCHS
+    assert defaults(digits.run_method)["epochs"] == digits.EPOCHS
+    assert defaults(digits.run_method)["seeds"] == digits.SEEDS
