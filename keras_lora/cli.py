@@ -10,50 +10,19 @@ Subcommands:
 import argparse
 import sys
 
+from keras_lora._argtypes import (
+    UsageError,
+    positive_int,
+    positive_ints,
+    shape,
+)
+
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line, not usage plus a line."""
 
     def error(self, message):
-        raise _UsageError(message)
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value <= 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer, received {text!r}"
-        )
-    return value
-
-
-def _units(text):
-    try:
-        return tuple(_positive_int(part) for part in text.split(","))
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            "expected comma-separated positive integers such as "
-            f"256,128,64,10, received {text!r}"
-        ) from None
-
-
-def _shape(text):
-    parts = text.lower().split("x")
-    try:
-        if len(parts) != 2:
-            raise argparse.ArgumentTypeError("")
-        return tuple(_positive_int(part) for part in parts)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a shape IN x OUT such as 512x256, received {text!r}"
-        ) from None
+        raise UsageError(message)
 
 
 def _add_compare(subparsers):
@@ -61,17 +30,17 @@ def _add_compare(subparsers):
         "compare",
         help="compare trainable parameters of Dense and LoRADense layers",
     )
-    p.add_argument("--input-dim", type=_positive_int, default=512)
+    p.add_argument("--input-dim", type=positive_int, default=512)
     p.add_argument(
         "--units",
-        type=_units,
+        type=positive_ints,
         default=(256, 128, 64, 10),
         help="the chain's widths (default 256,128,64,10)",
     )
-    p.add_argument("--rank", type=_positive_int, default=8)
+    p.add_argument("--rank", type=positive_int, default=8)
     p.add_argument(
         "--shapes",
-        type=_shape,
+        type=shape,
         nargs="+",
         metavar="INxOUT",
         help="compare independent layers of these kernel shapes "
@@ -133,15 +102,15 @@ def _add_digits(subparsers):
     # No defaults here: keras_lora.digits holds them (SEEDS, RANKS, EPOCHS).
     p.add_argument(
         "--seeds",
-        type=_positive_int,
+        type=positive_int,
         help="run seeds 0..N-1 (default: digits.SEEDS)",
     )
     p.add_argument(
-        "--ranks", type=_units, help="LoRA ranks (default: digits.RANKS)"
+        "--ranks", type=positive_ints, help="LoRA ranks (default: digits.RANKS)"
     )
     p.add_argument(
         "--epochs",
-        type=_positive_int,
+        type=positive_int,
         help="adaptation epochs (default: digits.EPOCHS)",
     )
     p.add_argument("--format", choices=("markdown", "json"), default="markdown")
@@ -182,7 +151,9 @@ def _add_rank_report(subparsers):
         help="a .keras base model: report on the "
         "update W_model - W_base instead",
     )
-    p.add_argument("--ranks", type=_units, default=(1, 2, 4, 8, 16, 32, 64))
+    p.add_argument(
+        "--ranks", type=positive_ints, default=(1, 2, 4, 8, 16, 32, 64)
+    )
     p.set_defaults(run=_run_rank_report)
 
 
@@ -195,8 +166,13 @@ def _load_layer(path, name):
     from keras_lora import _tree
 
     if not os.path.isfile(path):
-        raise ValueError(
+        raise UsageError(
             f"Expected a .keras file. Received: '{path}', which does not exist."
+        )
+    if not path.endswith(".keras"):
+        raise UsageError(
+            f"Expected a .keras file. Received: '{path}', which does not end "
+            "in .keras."
         )
     model = keras.models.load_model(path, compile=False)
     layers = dict(_tree.walk(model))
@@ -206,7 +182,7 @@ def _load_layer(path, name):
     kinds = (keras.layers.Dense, keras_lora.LoRADense)
     if not isinstance(found, kinds):
         names = [p for p, layer in layers.items() if isinstance(layer, kinds)]
-        raise ValueError(
+        raise UsageError(
             f"Expected --layer to name a Dense or LoRADense "
             f"layer. Received: --layer={name}. Available: "
             f"{', '.join(names)}"
@@ -223,7 +199,7 @@ def _run_rank_report(args):
     if args.base:
         base = _matrix_of(_load_layer(args.base, args.layer))
         if tuple(base.shape) != tuple(matrix.shape):
-            raise ValueError(
+            raise UsageError(
                 f"Expected the same kernel shape in --base. Received: "
                 f"{tuple(base.shape)} vs {tuple(matrix.shape)}"
             )
@@ -247,15 +223,17 @@ def build_parser():
 
 
 def main(argv=None):
-    """Runs the CLI; returns the exit status (0 ok, 2 bad arguments)."""
+    """Runs the CLI; returns the exit status (0 ok, 2 bad arguments).
+
+    Only a `UsageError` (an argument or input file the user must fix) is
+    reported as bad arguments; any other exception, such as a `ValueError`
+    from inside a run, propagates with its traceback.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         output = args.run(args)
-    except _UsageError as error:
-        print(f"keras-lora: error: {error}", file=sys.stderr)
-        return 2
-    except ValueError as error:
+    except UsageError as error:
         print(f"keras-lora: error: {error}", file=sys.stderr)
         return 2
     if output:

@@ -173,6 +173,65 @@ def test_rank_report_cli_errors(capsys, saved_models, argv, needle):
     assert status == 2 and needle in err and "Traceback" not in err
 
 
+# Only the user's input exits 2; an error inside a run is not a usage error.
+
+
+def _fail_inside(*args, **kwargs):
+    raise ValueError("an internal error, not the user's")
+
+
+@pytest.mark.parametrize(
+    "module, name, argv",
+    [
+        ("keras_lora.digits", "run_experiment", ["digits"]),
+        ("keras_lora.bench", "measure_times", ["bench", "--no-memory"]),
+        ("keras_lora.bench", "run_benchmark", ["bench"]),
+        ("keras_lora.lowrank", "rank_report", ["rank-report"]),
+    ],
+)
+def test_internal_value_error_propagates(
+    capsys, monkeypatch, saved_models, module, name, argv
+):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(module), name, _fail_inside)
+    if argv == ["rank-report"]:
+        argv += [str(saved_models / "tuned.keras"), "--layer", "layer_1"]
+    with pytest.raises(ValueError, match="an internal error"):
+        main(argv)
+    assert "keras-lora: error" not in capsys.readouterr().err
+
+
+def test_internal_error_keeps_its_traceback_and_exit_status():
+    code = (
+        "import sys\n"
+        "from keras_lora import cli, digits\n"
+        "def boom(**kwargs):\n"
+        "    raise ValueError('an internal error')\n"
+        "digits.run_experiment = boom\n"
+        "sys.argv = ['keras-lora', 'digits']\n"
+        "cli.main_exit()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr
+    assert "ValueError: an internal error" in done.stderr
+    assert "keras-lora: error" not in done.stderr
+
+
+def test_wrong_file_type_is_a_usage_error(capsys, tmp_path):
+    path = tmp_path / "model.h5"
+    path.write_bytes(b"not a model")
+    status, _, err = run(capsys, "rank-report", str(path), "--layer", "x")
+    assert status == 2
+    assert "model.h5" in err and "does not end in .keras" in err
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
