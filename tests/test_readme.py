@@ -1,5 +1,6 @@
 """The README's promises: its Quick start is what CI runs, its examples run."""
 
+import json
 import pathlib
 import re
 
@@ -35,15 +36,45 @@ def test_python_examples_run(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "task.lora.h5").is_file()
 
 
-def test_readme_quotes_the_seed_figures():
-    for figure in (
-        "173,130",
-        "11,802",
-        "93.18%",
-        "525,312",
-        "25,600",
-        "95.13%",
-        "100 vs 40",
-        "250×",
-    ):
-        assert figure in README
+def _compare(capsys, *argv):
+    """`keras-lora compare --format json ...`: (dense, lora, reduction %)."""
+    from keras_lora.cli import main
+
+    capsys.readouterr()
+    assert main(["compare", "--format", "json", *argv]) == 0
+    data = json.loads(capsys.readouterr().out)
+    dense, lora = data["baseline_trainable"], data["lora_trainable"]
+    return dense, lora, 100 * data["reduction"]
+
+
+def test_readme_quotes_the_computed_seed_figures(capsys):
+    flat = " ".join(README.split())  # the prose, line breaks as spaces
+    dense, lora, reduction = _compare(capsys)
+    assert (
+        f"{dense:,} (Dense) vs {lora:,} (LoRA): a reduction of "
+        f"{reduction:.2f}%." in flat
+    )
+    dense, lora, reduction = _compare(capsys, "--shapes", *["512x256"] * 4)
+    assert (
+        f"four independent 512×256 layers, {dense:,} vs {lora:,}, "
+        f"a reduction of {reduction:.2f}%." in flat
+    )
+    dense, lora, _ = _compare(
+        capsys, "--shapes", "10x10", "--rank", "2", "--no-bias"
+    )
+    assert f"--rank 2 --no-bias`: {dense} vs {lora}." in flat
+    dense, lora, _ = _compare(
+        capsys, "--shapes", "1000x1000", "--rank", "2", "--no-bias"
+    )
+    assert f"{dense:,} vs {lora:,} parameters, **{dense // lora}×**" in flat
+    assert f"{dense:,} / {lora:,} = **{dense // lora}×**" in flat
+
+
+def test_readme_parameter_table_is_the_commands(capsys):
+    from keras_lora.cli import main
+
+    capsys.readouterr()
+    assert main(["compare", "--format", "markdown"]) == 0
+    table = capsys.readouterr().out.strip().split("\n\n")[0]
+    assert table.startswith("| layer | kernel |")
+    assert table in README
