@@ -1,8 +1,15 @@
-"""Walking a model's layer tree, nested models included."""
+"""Walking a model's layer tree, at any depth, and swapping layers in place.
+
+Keras tracks every sublayer a layer holds (`layer._flatten_layers`): the
+operations of Functional and Sequential models, and the layers a custom
+layer keeps as attributes (`MultiHeadAttention._query_dense`, keras-hub's
+`TransformerEncoder._self_attention_layer`, a list of blocks). The walk
+visits all of them, so nothing Keras can see is skipped.
+"""
 
 import keras
 
-from keras_lora.layers import LoRADense
+from keras_lora.layers import LoRALayer
 
 
 def require_model(model):
@@ -14,44 +21,178 @@ def require_model(model):
         )
 
 
+def children(layer):
+    """The sublayers Keras tracks directly under `layer`, in order."""
+    if isinstance(layer, LoRALayer):
+        return []
+    return [
+        child
+        for child in layer._flatten_layers(include_self=False, recursive=False)
+        if not isinstance(child, keras.layers.InputLayer)
+    ]
+
+
 def walk(model, prefix=""):
-    """Yields `(path, layer)` for every layer under `model`, depth first.
+    """Yields `(path, layer)` for every layer under `model`, depth first,
+    each layer once (at the first path it is reached by).
 
     The path joins layer names with "/" from the top model down, e.g.
-    `"encoder/dense_1"`, so it names a layer by where it sits, never by its
+    `"transformer_layer_0/self_attention_layer/query"`, the same path its
+    variables carry, so it names a layer by where it sits, never by its
     position in a list.
     """
-    for layer in model.layers:
-        path = f"{prefix}{layer.name}"
-        yield path, layer
-        if isinstance(layer, keras.Model):
-            yield from walk(layer, prefix=f"{path}/")
+    seen = set()
+
+    def visit(parent, prefix):
+        for layer in children(parent):
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            path = f"{prefix}{layer.name}"
+            yield path, layer
+            yield from visit(layer, f"{path}/")
+
+    yield from visit(model, prefix)
+
+
+def parents(model):
+    """Returns `{id(layer): [parent, ...]}`: every layer that tracks it."""
+    out = {}
+
+    def visit(parent):
+        for layer in children(parent):
+            first = id(layer) not in out
+            out.setdefault(id(layer), [])
+            if not any(p is parent for p in out[id(layer)]):
+                out[id(layer)].append(parent)
+            if first:
+                visit(layer)
+
+    visit(model)
+    return out
 
 
 def find(model, kind):
     """Returns `{path: layer}` for the layers of type `kind` in `model`."""
     return {
-        path: layer for path, layer in walk(model) if isinstance(layer, kind)
+        path: layer
+        for path, layer in walk(model)
+        if isinstance(layer, kind)
     }
 
 
 def lora_layers(model):
-    """Returns `{path: LoRADense}` of a model that must have built ones.
+    """Returns `{path: LoRALayer}` of a model that must have built ones.
 
     Raises `TypeError` for a non-model, `ValueError` for a model with no
-    LoRADense or with an unbuilt one.
+    LoRA layer or with an unbuilt one.
     """
     require_model(model)
-    layers = find(model, LoRADense)
+    layers = find(model, LoRALayer)
     if not layers:
         raise ValueError(
-            f"Expected a model with at least one LoRADense. Received: model="
+            "Expected a model with at least one LoRA layer (LoRADense, "
+            "LoRAEinsumDense, LoRAEmbedding, LoRAConv...). Received: model="
             f"'{model.name}' with none."
         )
     for path, layer in layers.items():
         if not layer.built:
             raise ValueError(
-                f"Expected a built model. Received: LoRADense '{path}' is not "
-                "built; call the model on an input first."
+                f"Expected a built model. Received: {type(layer).__name__} "
+                f"'{path}' is not built; call the model on an input first."
             )
     return layers
+
+
+def _replace_in(container, old, new):
+    """Replaces `old` by `new` inside a list, tuple or dict (one level, and
+    lists held in a dict); returns (container, found)."""
+    found = False
+    if isinstance(container, list):
+        for i, item in enumerate(container):
+            if item is old:
+                container[i] = new
+                found = True
+            elif isinstance(item, list):
+                found |= _replace_in(item, old, new)[1]
+    elif isinstance(container, dict):
+        for key, item in list(container.items()):
+            if item is old:
+                container[key] = new
+                found = True
+            elif isinstance(item, list):
+                found |= _replace_in(item, old, new)[1]
+    elif isinstance(container, tuple) and any(i is old for i in container):
+        items = [new if i is old else i for i in container]
+        container = (
+            type(container)(*items)
+            if hasattr(container, "_fields")
+            else type(container)(items)
+        )
+        found = True
+    return container, found
+
+
+def swap(parent, old, new):
+    """Puts `new` where `parent` holds `old`: its tracked layers, its
+    attributes (lists, tuples and dicts of layers too) and, for a
+    Functional or Sequential model, its graph. Returns whether `old` was
+    found. `old` is left as it was.
+    """
+    tracker = getattr(parent, "_tracker", None)
+    locked = bool(tracker and tracker.locked)
+    if tracker is not None:
+        tracker.unlock()
+    found = False
+    try:
+        if tracker is not None and tracker.is_in_store("layers", old):
+            tracker.replace_tracked_value("layers", old, new)
+            found = True
+        for name, value in list(vars(parent).items()):
+            if value is old:
+                object.__setattr__(parent, name, new)
+                found = True
+                continue
+            replaced, hit = _replace_in(value, old, new)
+            if hit and replaced is not value:
+                object.__setattr__(parent, name, replaced)
+            found |= hit
+        for nodes in getattr(parent, "_nodes_by_depth", {}).values():
+            for node in nodes:
+                if node.operation is old:
+                    node.operation = new
+        keys = getattr(parent, "_nodes", None)
+        if isinstance(keys, set):
+            # A Functional keys its nodes by the operation's id.
+            stale = {k for k in keys if k.startswith(f"{id(old)}_ib-")}
+            keys -= stale
+            keys |= {k.replace(str(id(old)), str(id(new)), 1) for k in stale}
+        if found and hasattr(old, "_inbound_nodes"):
+            new._inbound_nodes = old._inbound_nodes
+            new._outbound_nodes = old._outbound_nodes
+            for node in old._inbound_nodes:
+                node.operation = new
+                for tensor in keras.tree.flatten(node.outputs):
+                    history = getattr(tensor, "_keras_history", None)
+                    if history is not None and history[0] is old:
+                        tensor._keras_history = type(history)(
+                            new, *tuple(history)[1:]
+                        )
+        functional = getattr(parent, "_functional", None)
+        if isinstance(parent, keras.Sequential) and functional is not None:
+            swap(functional, old, new)
+    finally:
+        if locked:
+            tracker.lock()
+    return found
+
+
+def name_scope_of(path):
+    """The nested `keras.name_scope`s of a layer path's parents, so that a
+    layer built inside them gets variable paths matching where it sits."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    for part in path.split("/")[:-1]:
+        stack.enter_context(keras.name_scope(part))
+    return stack

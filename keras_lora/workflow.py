@@ -1,56 +1,67 @@
 """Adapting a pretrained model with LoRA, and merging it back for deployment.
 
 `apply_lora` follows PEFT's `get_peft_model` (target selection, per-layer
-rank) on Keras's own `keras.models.clone_model`; `merge_lora` follows PEFT's
+rank, "all-linear" by default); `merge_lora` follows PEFT's
 `merge_and_unload`. Both return new models and leave their input untouched.
+
+Both work on a copy of the model, rebuilt from its config with its weights
+copied by value (so the copy shares no buffer with its source, which JAX's
+donated train-step buffers would otherwise destroy), and then swap layers in
+place wherever they sit: top-level layers of Functional and Sequential
+models, layers of nested models, and layers nested in custom layers
+(`MultiHeadAttention`, keras-hub's `TransformerEncoder`, your own blocks).
 """
 
 import re
 
 import keras
+import numpy as np
 
 from keras_lora import _checks, _tree
-from keras_lora.layers import LoRADense
+from keras_lora.layers import LoRALayer, lora_class_for
+
+# The query and value projections of Keras's MultiHeadAttention and of
+# keras-hub's attention layers: keras-hub's `enable_lora` defaults.
+ATTENTION_QV = r"(.*/)?(query|value|query_dense|value_dense|_query_dense|_value_dense)"
+LINEAR = (keras.layers.Dense, keras.layers.EinsumDense)
 
 
-def _clone(model, replace):
-    """Clones `model`, letting `replace(layer)` swap layers.
-
-    Layers `replace` leaves (it returns None) are rebuilt from their config
-    and given a copy of their weights, so the clone shares no variable with
-    `model`. Returns `(clone, kept)`: `kept` lists the copied layers.
-    """
+def copy_model(model):
+    """Returns a copy of `model` rebuilt from its config, its weights copied
+    by value. Raises `ValueError` for a model Keras cannot rebuild."""
     _tree.require_model(model)
-    copies = []
-
-    def clone_function(layer):
-        new = replace(layer)
-        if new is None:
-            new = layer.__class__.from_config(layer.get_config())
-            copies.append((layer, new))
-        return new
-
     try:
-        clone = keras.models.clone_model(
-            model, clone_function=clone_function, recursive=True
+        clone = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(model)
         )
-    except ValueError as error:
-        if "Functional" not in str(error) and "Sequential" not in str(error):
-            raise
+        if not clone.built and model.built:
+            clone.build_from_config(model.get_build_config())
+    except (NotImplementedError, TypeError, ValueError, KeyError) as error:
         raise ValueError(
-            f"Expected a Functional or Sequential model. Received: model="
-            f"'{model.name}' of type {type(model).__name__}, a subclassed "
-            "model that Keras cannot clone. Build it with LoRADense layers "
-            "directly, or rebuild it functionally."
+            f"Expected a model Keras can rebuild from its config (Functional,"
+            f" Sequential, a keras-hub model, or a subclassed model with "
+            f"`get_config`). Received: model='{model.name}' of type "
+            f"{type(model).__name__}, which could not be rebuilt: {error}"
         ) from error
-    for old, new in copies:
-        new.set_weights(old.get_weights())
-    return clone, [new for _, new in copies]
+    source, target = model.weights, clone.weights
+    shapes = [tuple(v.shape) for v in source]
+    if shapes != [tuple(v.shape) for v in target]:
+        raise ValueError(
+            f"Expected a model whose config rebuilds the same weights. "
+            f"Received: model='{model.name}' ({len(source)} weights), whose "
+            f"rebuilt copy has {len(target)}. Build the model first, or use "
+            "a Functional model."
+        )
+    for mine, theirs in zip(target, source):
+        mine.assign(np.array(keras.ops.convert_to_numpy(theirs)))
+    return clone
 
 
 def _matcher(targets):
     if targets is None:
-        return lambda path, layer: True
+        return lambda path, layer: isinstance(layer, LINEAR)
+    if targets == "attention_qv":
+        targets = ATTENTION_QV
     if isinstance(targets, str):
         pattern = re.compile(targets)
         return lambda path, layer: bool(
@@ -64,41 +75,66 @@ def _matcher(targets):
         names = set(targets)
         return lambda path, layer: layer.name in names or path in names
     raise TypeError(
-        "Expected `targets` to be None, a list of layer names, a regex "
-        f"string or a callable. Received: targets={targets!r}"
+        "Expected `targets` to be None, 'attention_qv', a list of layer "
+        "names or paths, a regex string or a callable. Received: "
+        f"targets={targets!r}"
     )
 
 
 def _select(model, targets):
-    dense = {
-        path: layer
-        for path, layer in _tree.walk(model)
-        if isinstance(layer, keras.layers.Dense)
-    }
-    if not dense:
+    """Returns `{path: layer}` of the targeted layers; refuses targets that
+    name layers no LoRA class adapts, or that cannot be adapted."""
+    layers = dict(_tree.walk(model))
+    adaptable = {p: l for p, l in layers.items() if lora_class_for(l)}
+    if any(isinstance(layer, LoRALayer) for layer in layers.values()):
         raise ValueError(
-            f"Expected a model with at least one `keras.layers.Dense`. "
-            f"Received: model='{model.name}' with none."
+            f"Expected a model without LoRA layers. Received: model="
+            f"'{model.name}', which has some; merge it first with "
+            "`merge_lora`, or load adapters into it with `load_adapters`."
         )
-    available = ", ".join(sorted(dense))
+    available = ", ".join(sorted(adaptable)) or "none"
     if isinstance(targets, (list, tuple, set)):
-        unknown = [
-            t
-            for t in targets
-            if t not in dense and t not in {d.name for d in dense.values()}
-        ]
+        by_name = {l.name for l in layers.values()}
+        unknown = [t for t in targets if t not in layers and t not in by_name]
         if unknown:
             raise ValueError(
-                f"Expected target names of Dense layers. Received: targets="
-                f"{list(targets)!r}; no Dense layer is named "
-                f"{unknown!r}. Available Dense layers: {available}"
+                f"Expected target names or paths of layers in the model. "
+                f"Received: targets={list(targets)!r}; no layer is named "
+                f"{unknown!r}. Adaptable layers: {available}"
             )
     match = _matcher(targets)
-    selected = {p: d for p, d in dense.items() if match(p, d)}
+    # Names and paths are strict: naming a layer no LoRA class adapts is an
+    # error. None, a regex or a callable choose among adaptable layers.
+    strict = isinstance(targets, (list, tuple, set))
+    selected = {
+        p: l
+        for p, l in (layers if strict else adaptable).items()
+        if match(p, l)
+    }
+    problems = []
+    for path, layer in selected.items():
+        cls = lora_class_for(layer)
+        reason = (
+            cls.check_base(layer)
+            if cls
+            else (
+                f"no LoRA layer adapts a {type(layer).__name__} (supported: "
+                "Dense, EinsumDense, Embedding, ReversibleEmbedding, Conv1D, "
+                "Conv2D)"
+            )
+        )
+        if reason:
+            problems.append(f"'{path}': {reason}")
+    if problems:
+        raise ValueError(
+            f"Expected `targets` to select adaptable layers. Received: "
+            f"targets={targets!r}, which selects layers that cannot be "
+            "adapted:\n  - " + "\n  - ".join(problems)
+        )
     if not selected:
         raise ValueError(
-            f"Expected `targets` to match at least one Dense layer. Received: "
-            f"targets={targets!r}. Available Dense layers: {available}"
+            f"Expected `targets` to match at least one adaptable layer. "
+            f"Received: targets={targets!r}. Adaptable layers: {available}"
         )
     return selected
 
@@ -107,18 +143,57 @@ def _per_layer(name, value, selected, default, check):
     if not isinstance(value, dict):
         if value is not None:
             check(name, value)
-        return lambda layer: value
+        return lambda path, layer: value
     names = {layer.name for layer in selected.values()} | set(selected)
     unknown = sorted(set(value) - names)
     if unknown:
         raise ValueError(
-            f"Expected `{name}` keys to be targeted Dense layer names. "
+            f"Expected `{name}` keys to be targeted layer names or paths. "
             f"Received: {name} keys {unknown!r}. Targeted: "
             f"{', '.join(sorted(selected))}"
         )
     for key, item in value.items():
         check(f"{name}[{key!r}]", item)
-    return lambda layer: value.get(layer.name, default)
+    return lambda path, layer: value.get(path, value.get(layer.name, default))
+
+
+def _swap_all(model, replacements):
+    """Swaps `{path: (old, new)}` into `model`, all or nothing: every old
+    layer must be found in each of its parents, else the swaps done are
+    undone and `ValueError` names the layer."""
+    parents = _tree.parents(model)
+    done = []
+    try:
+        for path, (old, new) in replacements.items():
+            for parent in parents.get(id(old), [model]):
+                if not _tree.swap(parent, old, new):
+                    raise ValueError(
+                        f"Cannot swap the layer at '{path}': its parent "
+                        f"'{parent.name}' ({type(parent).__name__}) holds it "
+                        "in a way keras_lora cannot see. Please report this "
+                        "model."
+                    )
+                done.append((parent, old, new))
+    except BaseException:
+        for parent, old, new in reversed(done):
+            _tree.swap(parent, new, old)
+        raise
+
+
+def _freeze_all_but_lora(model):
+    """Freezes every weight outside the LoRA layers: leaf layers by their
+    `trainable` flag, containers (custom blocks) by their own variables."""
+    for _, layer in _tree.walk(model):
+        if isinstance(layer, LoRALayer):
+            continue
+        children = _tree.children(layer)
+        if not children:
+            layer.trainable = False
+            continue
+        inner = {id(v) for child in children for v in child.weights}
+        for variable in layer.weights:
+            if id(variable) not in inner:
+                variable.trainable = False
 
 
 def apply_lora(
@@ -130,24 +205,32 @@ def apply_lora(
     train_bias=True,
     **lora_kwargs,
 ):
-    """Returns a copy of `model` whose targeted Dense layers are LoRADense.
+    """Returns a copy of `model` whose targeted layers are LoRA layers.
 
-    The pretrained kernels and biases are copied, so at init the new model
-    predicts exactly what `model` predicts. Every weight outside the LoRA
-    factors is frozen, the biases too when `train_bias=False`. `model` is not
-    changed. The copy is not compiled.
+    Layers are found at any depth: top-level layers, layers of nested
+    models, and layers nested in custom layers such as `MultiHeadAttention`
+    or keras-hub's transformer blocks. The pretrained weights are copied by
+    value, so at init the new model predicts exactly what `model` predicts
+    and shares no buffer with it. Every weight outside the LoRA factors is
+    frozen, the biases too when `train_bias=False`. `model` is not changed.
+    The copy is not compiled: compile it (not `model`) before `fit`.
 
     Args:
-        model: A Functional or Sequential model (nested ones included).
-        rank: Positive int, or a dict `{layer_name: rank}`; targeted layers
-            missing from the dict get rank 8.
+        model: A Functional, Sequential or keras-hub model (one Keras can
+            rebuild from its config).
+        rank: Positive int, or a dict `{layer name or path: rank}`; targeted
+            layers missing from the dict get rank 8.
         alpha: Positive float or None (alpha = rank), or a dict as `rank`.
         dropout: LoRA dropout, as in `LoRADense`.
-        targets: None (every Dense), a list of layer names (or paths such as
-            `"encoder/dense"`), a regex string matched in full against names
-            and paths, or a callable `layer -> bool`.
+        targets: None (every Dense and EinsumDense: PEFT's "all-linear";
+            never embeddings or convolutions unless named),
+            `"attention_qv"` (the query and value projections, keras-hub's
+            `enable_lora` default), a list of layer names or paths such as
+            `"transformer_layer_0/self_attention_layer/query"`, a regex
+            string matched in full against names and paths, or a callable
+            `layer -> bool`.
         train_bias: Whether the LoRA layers' biases train.
-        **lora_kwargs: Other `LoRADense` arguments, e.g. `use_rslora`.
+        **lora_kwargs: Other LoRA layer arguments, e.g. `use_rslora`.
 
     Example:
 
@@ -160,40 +243,47 @@ def apply_lora(
     _checks.boolean("train_bias", train_bias)
     _tree.require_model(model)
     selected = _select(model, targets)
-    chosen = {id(layer) for layer in selected.values()}
     rank_of = _per_layer("rank", rank, selected, 8, _checks.positive_int)
     alpha_of = _per_layer(
         "alpha", alpha, selected, None, _checks.positive_number
     )
-
-    def replace(layer):
-        if id(layer) not in chosen:
-            return None
-        return LoRADense.from_dense(
-            layer,
-            rank=rank_of(layer),
-            alpha=alpha_of(layer),
-            dropout=dropout,
-            train_bias=train_bias,
-            **lora_kwargs,
-        )
-
-    clone, kept = _clone(model, replace)
-    for layer in kept:
-        layer.trainable = False
+    clone = copy_model(model)
+    layers = dict(_tree.walk(clone))
+    replacements = {}
+    for path, layer in selected.items():
+        old = layers[path]
+        with _tree.name_scope_of(path):
+            new = lora_class_for(old).from_base(
+                old,
+                rank=rank_of(path, layer),
+                alpha=alpha_of(path, layer),
+                dropout=dropout,
+                train_bias=train_bias,
+                **lora_kwargs,
+            )
+        replacements[path] = (old, new)
+    _swap_all(clone, replacements)
+    _freeze_all_but_lora(clone)
     return clone
 
 
 def merge_lora(model):
-    """Returns a copy of `model` with every LoRADense merged into a Dense.
+    """Returns a copy of `model` with every LoRA layer merged into its base.
 
-    Each LoRADense becomes `layer.to_dense()`; other layers are copied with
-    their weights and trainable flags. The result contains no LoRADense and
-    loads with plain Keras, without importing keras_lora. `model` is not
-    changed, and nothing is built if any layer's merged kernel is not
-    finite.
+    Each LoRA layer becomes `layer.to_base()` (a Dense, EinsumDense,
+    Embedding, ReversibleEmbedding or Conv); other layers are copied with
+    their weights and trainable flags. The result contains no LoRA layer and
+    loads with plain Keras (and keras-hub for its models), without
+    importing keras_lora. `model` is not changed, and nothing is built if
+    any layer's merged weight is not finite.
     """
     lora = _tree.lora_layers(model)
-    merged = {id(layer): layer.to_dense() for layer in lora.values()}
-    clone, _ = _clone(model, lambda layer: merged.get(id(layer)))
+    merged = {path: (layer, layer.to_base()) for path, layer in lora.items()}
+    # Swap the merged layers into `model` only while copying it, then put
+    # its LoRA layers back, so the copy's config and weights are the base's.
+    _swap_all(model, merged)
+    try:
+        clone = copy_model(model)
+    finally:
+        _swap_all(model, {p: (new, old) for p, (old, new) in merged.items()})
     return clone

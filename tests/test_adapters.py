@@ -176,7 +176,7 @@ def test_not_an_adapter_file(tmp_path):
 
 
 def test_save_needs_lora_layers(tmp_path):
-    with pytest.raises(ValueError, match="at least one LoRADense"):
+    with pytest.raises(ValueError, match="at least one LoRA layer"):
         save_adapters(_base(), tmp_path / "x.h5")
     assert os.listdir(tmp_path) == []
 

@@ -146,7 +146,7 @@ CASES = {
     "unknown targets": (
         _apply(targets=["layer_9"]),
         ValueError,
-        "Available Dense layers: layer_1, layer_2",
+        "Adaptable layers: layer_1, layer_2",
     ),
     "targets matching nothing": (
         _apply(targets="conv.*"),
@@ -156,7 +156,7 @@ CASES = {
     "model without Dense": (
         _no_dense,
         ValueError,
-        "at least one `keras.layers.Dense`",
+        "at least one adaptable layer",
     ),
     "from_dense on unbuilt Dense": (
         _unbuilt_dense,

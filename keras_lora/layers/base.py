@@ -52,6 +52,11 @@ LORA_KEYS = (
 _REFUSED = ("lora_rank", "lora_alpha", "quantization_config")
 
 
+class RankWarning(UserWarning):
+    """A LoRA rank above min(in, out): the extra rank only adds parameters
+    (and, with PiSSA, factor columns that stay zero)."""
+
+
 class LoRALayer(keras.layers.Layer):
     """Base of every keras_lora layer: a frozen weight plus `scale * A @ B`.
 
@@ -169,6 +174,7 @@ class LoRALayer(keras.layers.Layer):
                 f"larger than min(in, out) = min({fan_in}, {fan_out}), the "
                 "largest rank its update can have; the extra rank only adds "
                 "parameters.",
+                RankWarning,
                 stacklevel=3,
             )
 
