@@ -7,8 +7,9 @@ layer what it is rather than testing each class in turn.
 
 from keras_lora.layers.base import LORA_INITS, LORA_KEYS, LoRALayer
 from keras_lora.layers.dense import LoRADense
+from keras_lora.layers.einsum_dense import LoRAEinsumDense
 
-LORA_LAYERS = (LoRADense,)
+LORA_LAYERS = (LoRADense, LoRAEinsumDense)
 
 
 def lora_class_for(layer):
@@ -29,6 +30,7 @@ __all__ = [
     "LORA_KEYS",
     "LORA_LAYERS",
     "LoRADense",
+    "LoRAEinsumDense",
     "LoRALayer",
     "lora_class_for",
 ]

@@ -1,0 +1,291 @@
+"""`LoRAEinsumDense`: an EinsumDense layer with a frozen kernel and a
+low-rank update of its linear map, from its contracted to its output axes
+(Keras's built-in EinsumDense LoRA factorises only the kernel's last axis).
+
+Shapes follow `_analyze_einsum_string` in Keras's
+`keras/src/layers/core/einsum_dense.py`.
+"""
+
+import math
+import re
+import string
+
+import keras
+from keras import ops
+
+from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.dense import refuse_kernel_constraint
+
+# (pattern, side of the ellipsis), tried in Keras's order.
+_EQUATIONS = (
+    (r"([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]+)", None),
+    (r"\.\.\.([a-zA-Z]+),([a-zA-Z]+)->\.\.\.([a-zA-Z]+)", "left"),
+    (r"([a-zA-Z]{2,})\.\.\.,([a-zA-Z]+)->([a-zA-Z]+)\.\.\.", "right"),
+)
+
+
+def _parse(equation, bias_axes):
+    """Returns (input, kernel, output, ellipsis side) letters, or raises."""
+    for pattern, side in _EQUATIONS:
+        match = re.fullmatch(pattern, str(equation))
+        if match:
+            break
+    else:
+        raise ValueError(
+            "Expected an einsum equation 'X,Y->Z', '...X,Y->...Z' or "
+            f"'X...,Y->Z...'. Received: equation={equation!r}"
+        )
+    inp, ker, out = match.groups()
+
+    def refuse(axis, why):
+        raise ValueError(
+            f"Cannot factor equation={equation!r}: axis '{axis}' {why}. "
+            "Expected every kernel axis to be contracted (in the input only) "
+            "or an output axis (in the output only)."
+        )
+
+    for axis in ker:
+        if axis in inp and axis in out:
+            refuse(axis, "is in the input and the output (a batched kernel)")
+        if axis not in inp and axis not in out:
+            refuse(axis, "is in neither the input nor the output")
+    for axis in out:
+        if axis not in inp and axis not in ker:
+            refuse(axis, "of the output is in neither the input nor kernel")
+    for axis in bias_axes or "":
+        if axis not in out:
+            raise ValueError(
+                f"Expected every bias axis in the output '{out}' of "
+                f"equation={equation!r}. Received: bias_axes={bias_axes!r}"
+            )
+    return inp, ker, out, side
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAEinsumDense(LoRALayer):
+    """EinsumDense layer with a frozen kernel and a trainable LoRA update.
+
+    With the equation `input,kernel->output`, the frozen kernel `W` never
+    trains. Fine-tuning learns `lora_a` `(*contracted, rank)` and `lora_b`
+    `(rank, *output)` and the layer computes
+
+    `activation(einsum(eq, x, W) + scale * ((dropout(x) . lora_a) . lora_b)
+    + bias)`
+
+    as two small einsums, so a step never forms the full update. `lora_b`
+    starts at zero, so a fresh layer computes what an `EinsumDense` with the
+    same kernel and bias computes. A kernel axis in both the input and the
+    output (a batched kernel), or in neither, is refused.
+
+    Args:
+        equation: The einsum equation, as in `keras.layers.EinsumDense`,
+            e.g. `"btd,ndh->btnh"`.
+        output_shape: The output shape without the batch dimension and the
+            ellipsis dimensions; `None` for a dimension taken from the input.
+        rank, alpha, dropout, lora_a_initializer, lora_b_initializer,
+            lora_regularizer, train_bias, use_rslora, lora_init: The LoRA
+            arguments, as in `LoRALayer`.
+        activation, bias_axes, kernel_initializer, bias_initializer,
+            kernel_regularizer, bias_regularizer, bias_constraint: As in
+            `keras.layers.EinsumDense`; `bias_axes` e.g. `"nh"`.
+        kernel_constraint: Must be None: the kernel is frozen.
+        **kwargs: Base layer keyword arguments, such as `name`, `dtype` and
+            `activity_regularizer`.
+
+    Call arguments:
+        inputs: A tensor whose axes match the equation's input.
+        training: Python boolean; enables dropout on the LoRA branch.
+
+    Input shape:
+        N-D tensor as the equation's input, e.g. `(batch, seq, hidden)`.
+
+    Output shape:
+        N-D tensor as the equation's output, e.g. `(batch, seq, heads, dim)`.
+
+    Example:
+
+    >>> layer = LoRAEinsumDense("btd,ndh->btnh", (None, 4, 8), rank=2)
+    >>> tuple(layer(keras.ops.ones((2, 3, 16))).shape)
+    (2, 3, 4, 8)
+    >>> [tuple(w.shape) for w in layer.trainable_weights]
+    [(16, 2), (2, 4, 8)]
+
+    Reference:
+        Hu et al., 2021, arXiv:2106.09685.
+    """
+
+    base_class = keras.layers.EinsumDense
+
+    def __init__(
+        self,
+        equation,
+        output_shape,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        activation=None,
+        bias_axes=None,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        **kwargs,
+    ):
+        inp, ker, out, side = _parse(equation, bias_axes)
+        refuse_kernel_constraint(kwargs.get("name"), kernel_constraint)
+        super().__init__(rank=rank, alpha=alpha, dropout=dropout, **kwargs)
+        self.equation = equation
+        self.partial_output_shape = (
+            (output_shape,)
+            if isinstance(output_shape, int)
+            else tuple(output_shape)
+        )
+        self.bias_axes = bias_axes
+        self.activation = keras.activations.get(activation)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self._specs = (inp, ker, out, side)
+        # Kernel positions of the contracted, then the output, axes.
+        self._contracted = [i for i, a in enumerate(ker) if a in inp]
+        self._outputs = [i for i, a in enumerate(ker) if a in out]
+        r = next(c for c in string.ascii_letters if c not in equation)
+        x_in, x_out = equation.split(",")[0], equation.split("->")[1]
+        contracted = "".join(ker[i] for i in self._contracted)
+        x_r = "".join(c for c in x_in if c not in contracted)
+        outputs = "".join(ker[i] for i in self._outputs)
+        # (*input) . (*contracted, r) -> (*input less contracted, r)
+        self._down = f"{x_in},{contracted}{r}->{x_r}{r}"
+        # (*input less contracted, r) . (r, *outputs) -> (*output)
+        self._up = f"{x_r}{r},{r}{outputs}->{x_out}"
+
+    def _shapes(self, input_shape):
+        """Returns (kernel, bias or None, full output) shapes, as Keras."""
+        inp, ker, out, side = self._specs
+        input_shape = tuple(input_shape)
+        elided = len(input_shape) - len(inp)
+        full = [input_shape[0], *self.partial_output_shape]
+        if elided > 0 and side == "left":
+            # Keras inserts these reversed; einsum keeps their order.
+            full[1:1] = input_shape[1:elided]
+        elif elided > 0:
+            full += input_shape[len(inp) :]
+        shift = elided if side == "left" else 0
+        in_dims = {a: input_shape[i + shift] for i, a in enumerate(inp)}
+        for i, a in enumerate(out):
+            if full[i + shift] is None:  # Keras leaves these None.
+                full[i + shift] = in_dims.get(a)
+        dims = {a: full[i + shift] for i, a in enumerate(out)}
+        kernel = [dims[a] if a in out else in_dims[a] for a in ker]
+        if None in kernel:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' needs every kernel "
+                f"dimension known. Received: input_shape={input_shape}, "
+                f"output_shape={self.partial_output_shape} for "
+                f"equation={self.equation!r}"
+            )
+        bias = None
+        if self.bias_axes:
+            first = min(out.find(a) for a in self.bias_axes)
+            bias = [dims[a] if a in self.bias_axes else 1 for a in out[first:]]
+            bias += [1] * (elided if side != "left" else 0)
+        return kernel, bias, full
+
+    def build(self, input_shape):
+        kernel_shape, bias_shape, _ = self._shapes(input_shape)
+        initializer = self.kernel_initializer
+        if isinstance(initializer, keras.initializers.VarianceScaling) and (
+            initializer.input_axes is None or initializer.output_axes is None
+        ):
+            # As Keras: fans from the contracted and output axes.
+            config = initializer.get_config()
+            config.update(seed=initializer.seed, input_axes=self._contracted)
+            config["output_axes"] = self._outputs
+            initializer = type(initializer).from_config(config)
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=tuple(kernel_shape),
+            initializer=initializer,
+            regularizer=self.kernel_regularizer,
+            trainable=False,
+        )
+        self._add_lora_weights(
+            [kernel_shape[i] for i in self._contracted],
+            [kernel_shape[i] for i in self._outputs],
+        )
+        self.bias = None
+        if bias_shape is not None:
+            self.bias = self._add_bias(
+                bias_shape,
+                self.bias_initializer,
+                self.bias_regularizer,
+                self.bias_constraint,
+            )
+        self.input_spec = keras.InputSpec(ndim=len(input_shape))
+
+    def call(self, inputs, training=None):
+        if not keras.backend.is_float_dtype(inputs.dtype):
+            inputs = ops.cast(inputs, self.compute_dtype)
+        kernel = ops.stop_gradient(ops.cast(self.kernel, self.compute_dtype))
+        # (*input) . (*kernel) -> (*output); no gradient reaches W.
+        outputs = ops.einsum(self.equation, inputs, kernel)
+        lora_inputs = self._lora_inputs(inputs, training)
+        # (*input) . (*contracted, r) -> (*input less contracted, r)
+        x_r = ops.einsum(self._down, lora_inputs, self.lora_a)
+        # (*input less contracted, r) . (r, *outputs) -> (*output)
+        update = ops.einsum(self._up, x_r, self.lora_b)
+        outputs = ops.add(outputs, ops.multiply(update, self.scale))
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return tuple(self._shapes(input_shape)[2])
+
+    def get_config(self):
+        config = {
+            **super().get_config(),
+            "equation": self.equation,
+            "output_shape": self.partial_output_shape,
+            "activation": keras.activations.serialize(self.activation),
+            "bias_axes": self.bias_axes,
+            "kernel_constraint": None,
+            "bias_constraint": keras.constraints.serialize(
+                self.bias_constraint
+            ),
+        }
+        for kind in ("initializer", "regularizer"):
+            for weight in ("kernel", "bias"):
+                key = f"{weight}_{kind}"
+                serialize = getattr(keras, f"{kind}s").serialize
+                config[key] = serialize(getattr(self, key))
+        return config
+
+    def _to_matrix(self, kernel):
+        # (*kernel) -> (*contracted, *outputs) -> (contracted, outputs)
+        kernel = ops.transpose(kernel, self._contracted + self._outputs)
+        fan_in = math.prod(self.lora_a.shape[:-1])
+        return ops.reshape(kernel, (fan_in, -1))
+
+    def _from_matrix(self, matrix):
+        # (contracted, outputs) -> (*contracted, *outputs) -> (*kernel)
+        perm = self._contracted + self._outputs
+        shape = [self.kernel.shape[i] for i in perm]
+        inverse = [perm.index(i) for i in range(len(perm))]
+        return ops.transpose(ops.reshape(matrix, shape), inverse)
+
+    @classmethod
+    def from_einsum_dense(cls, layer, rank=8, **lora_kwargs):
+        """Returns a built LoRAEinsumDense that computes exactly what the
+        EinsumDense `layer` computes until it trains (see `from_base`)."""
+        return cls.from_base(layer, rank=rank, **lora_kwargs)
+
+    def to_einsum_dense(self):
+        """Returns a built `keras.layers.EinsumDense` whose kernel is merged."""
+        return self.to_base()
