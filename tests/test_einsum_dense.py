@@ -310,7 +310,10 @@ def test_get_config_keys_and_values():
     assert {k: config[k]["class_name"] for k in classes} == classes
     assert config["kernel_regularizer"]["config"]["l2"] == 0.5
     assert config["dtype"]["config"]["name"] == "float32"
-    assert set(config) == set(expected) | set(classes) | {"dtype"}
+    # Every key is ours, the base LoRA's or Keras's Layer's.
+    layer_keys = {"name", "trainable", "dtype", "activity_regularizer"}
+    ours = set(expected) | set(classes) | layer_keys
+    assert set(config) == ours | set(lora_layers.LORA_KEYS)
     clone = LoRAEinsumDense.from_config(config)
     assert clone.get_config() == config
 
