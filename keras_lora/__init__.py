@@ -2,13 +2,24 @@
 
 from keras_lora.adapters import (
     AdapterMismatchError,
+    apply_adapters,
     kernel_fingerprint,
     load_adapters,
     read_adapters,
     save_adapters,
 )
-from keras_lora.layers import LoRADense
-from keras_lora.lowrank import RankReport, extract_lora, rank_report
+from keras_lora.layers import (
+    LoRADense,
+    LoRAEinsumDense,
+    LoRALayer,
+    RankWarning,
+)
+from keras_lora.lowrank import (
+    RankReport,
+    extract_lora,
+    layer_matrix,
+    rank_report,
+)
 from keras_lora.models import build_baseline_model, build_lora_model
 from keras_lora.parameters import (
     LayerComparison,
@@ -20,7 +31,7 @@ from keras_lora.parameters import (
     lora_parameter_count,
     print_trainable_parameters,
 )
-from keras_lora.workflow import apply_lora, merge_lora
+from keras_lora.workflow import apply_lora, copy_model, merge_lora
 
 __version__ = "0.1.0"
 
@@ -28,7 +39,13 @@ __all__ = [
     "AdapterMismatchError",
     "LayerComparison",
     "LoRADense",
+    "LoRAEinsumDense",
+    "LoRALayer",
+    "RankWarning",
+    "apply_adapters",
     "apply_lora",
+    "copy_model",
+    "layer_matrix",
     "ParameterComparison",
     "ParameterCount",
     "RankReport",

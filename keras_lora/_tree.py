@@ -75,9 +75,7 @@ def parents(model):
 def find(model, kind):
     """Returns `{path: layer}` for the layers of type `kind` in `model`."""
     return {
-        path: layer
-        for path, layer in walk(model)
-        if isinstance(layer, kind)
+        path: layer for path, layer in walk(model) if isinstance(layer, kind)
     }
 
 

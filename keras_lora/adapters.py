@@ -1,15 +1,19 @@
 """Adapter files: what LoRA trained, and nothing else, in one HDF5 file.
 
-The file holds, for every LoRADense, `lora_a`, `lora_b` and the bias when it
-trains, plus a JSON record per layer: its path in the model (never its
-position), rank, alpha, rsLoRA flag, shapes and a SHA-256 fingerprint of the
-frozen kernel. The recommended suffix is `.lora.h5`; any path is written as
-given. `load_adapters` checks everything before it writes anything (peer bug
-for contrast: keras-hub keyed adapters by position and loaded them into the
-wrong layers).
+The file holds, for every LoRA layer (any kind, at any depth), `lora_a`,
+`lora_b` and the bias when the layer's configuration trains it
+(`train_bias`), stored as float32 whatever the layer's dtype, plus a JSON
+record per layer: its path in the model (never its position), kind, rank,
+alpha, rsLoRA flag, init, dtype, the frozen weight's shape and a SHA-256
+fingerprint of the frozen weight the factors belong to (for PiSSA, the
+weight before the split, so the file does not depend on a backend's SVD).
+The recommended suffix is `.lora.h5`; any path is written as given.
+`load_adapters` checks everything before it writes anything (peer bug for
+contrast: keras-hub keyed adapters by position and loaded them into the
+wrong layers); `apply_adapters` rebuilds the LoRA model from a base model
+and a file alone.
 """
 
-import hashlib
 import json
 import os
 import tempfile
@@ -19,9 +23,29 @@ import keras
 import numpy as np
 
 from keras_lora import _tree
+from keras_lora.layers.base import weight_fingerprint as kernel_fingerprint
 
 FORMAT = "keras_lora.adapters"
-VERSION = 1
+VERSION = 2
+CHECKED = (
+    "kind",
+    "rank",
+    "alpha",
+    "use_rslora",
+    "lora_init",
+    "base_shape",
+    "bias",
+    "base_fingerprint",
+)
+
+__all__ = [
+    "AdapterMismatchError",
+    "apply_adapters",
+    "kernel_fingerprint",
+    "load_adapters",
+    "read_adapters",
+    "save_adapters",
+]
 
 
 class AdapterMismatchError(ValueError):
@@ -36,24 +60,19 @@ class AdapterMismatchError(ValueError):
         )
 
 
-def kernel_fingerprint(kernel):
-    """SHA-256 of the kernel's float32 little-endian bytes and its shape."""
-    array = np.ascontiguousarray(keras.ops.convert_to_numpy(kernel), "<f4")
-    digest = hashlib.sha256(repr(array.shape).encode())
-    digest.update(array.tobytes())
-    return "sha256:" + digest.hexdigest()
-
-
 def _record(path, layer):
-    trains_bias = layer.bias is not None and layer.bias.trainable
     return {
         "path": path,
+        "kind": type(layer).__name__,
         "rank": layer.rank,
         "alpha": layer.alpha,
         "use_rslora": layer.use_rslora,
-        "kernel_shape": list(layer.kernel.shape),
-        "bias": trains_bias,
-        "base_fingerprint": kernel_fingerprint(layer.kernel),
+        "lora_init": layer.lora_init,
+        "dropout": layer.dropout,
+        "dtype": keras.backend.standardize_dtype(layer.lora_a.dtype),
+        "base_shape": list(layer.frozen_weight.shape),
+        "bias": layer.train_bias and getattr(layer, "bias", None) is not None,
+        "base_fingerprint": layer.base_fingerprint(),
     }
 
 
@@ -61,14 +80,25 @@ def _arrays(layer, record):
     arrays = {"lora_a": layer.lora_a, "lora_b": layer.lora_b}
     if record["bias"]:
         arrays["bias"] = layer.bias
-    return {k: keras.ops.convert_to_numpy(v) for k, v in arrays.items()}
+    return {
+        k: np.asarray(keras.ops.convert_to_numpy(v)).astype("<f4")
+        for k, v in arrays.items()
+    }
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_adapters(model, path):
-    """Writes every LoRADense's trained weights to one file at `path`.
+    """Writes every LoRA layer's trained weights to one file at `path`.
 
-    The write goes to a temporary file in the same folder that then replaces
-    `path`, so an interrupted save leaves any earlier file whole.
+    The write goes to a temporary file in the same folder, flushed to disk
+    (fsync) and given the mode a plain `open()` would give, which then
+    replaces `path`: an interrupted save, or a crash, leaves any earlier
+    file whole.
 
     Returns:
         The list of per-layer records written (dicts).
@@ -80,6 +110,7 @@ def save_adapters(model, path):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".adapters-", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT
             f.attrs["version"] = VERSION
@@ -89,11 +120,23 @@ def save_adapters(model, path):
                 group.attrs["path"] = record["path"]
                 for name, array in _arrays(layer, record).items():
                     group.create_dataset(name, data=array)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return records
+
+
+def _upgrade(record, version):
+    """Reads a version-1 record (LoRADense only) as a version-2 one."""
+    if version == 1:
+        record.setdefault("kind", "LoRADense")
+        record.setdefault("lora_init", None)
+        record.setdefault("dtype", "float32")
+        record["base_shape"] = record.pop("kernel_shape")
+    return record
 
 
 def read_adapters(path):
@@ -113,18 +156,19 @@ def read_adapters(path):
             if f.attrs.get("format") != FORMAT:
                 raise ValueError("it has no keras_lora adapter header")
             version = int(f.attrs["version"])
-            if version != VERSION:
+            if version not in (1, VERSION):
                 raise ValueError(f"format version {version} is not {VERSION}")
             records = json.loads(f.attrs["layers"])
             out = {}
             for i, record in enumerate(records):
+                record = _upgrade(record, version)
                 group = f[f"adapter_{i}"]
                 names = ["lora_a", "lora_b"] + (
                     ["bias"] if record["bias"] else []
                 )
                 out[record["path"]] = (
                     record,
-                    {n: np.asarray(group[n][()]) for n in names},
+                    {n: np.asarray(group[n][()], "float32") for n in names},
                 )
     except (
         OSError,
@@ -145,23 +189,18 @@ def _problems(layers, saved):
     problems = []
     for path in sorted(set(saved) - set(layers)):
         problems.append(
-            f"'{path}': in the file but not a LoRADense of the model"
+            f"'{path}': in the file but not a LoRA layer of the model"
         )
     for path in sorted(set(layers) - set(saved)):
         problems.append(
-            f"'{path}': a LoRADense of the model, missing from the file"
+            f"'{path}': a LoRA layer of the model, missing from the file"
         )
     for path in sorted(set(layers) & set(saved)):
         record, arrays = saved[path]
         expected = _record(path, layers[path])
-        for key in (
-            "rank",
-            "alpha",
-            "use_rslora",
-            "kernel_shape",
-            "bias",
-            "base_fingerprint",
-        ):
+        for key in CHECKED:
+            if record.get(key) is None and key == "lora_init":
+                continue
             if record.get(key) != expected[key]:
                 problems.append(
                     f"'{path}': {key} is {record.get(key)!r} in the file, "
@@ -178,11 +217,13 @@ def _problems(layers, saved):
 
 
 def load_adapters(model, path):
-    """Loads an adapter file into `model`'s LoRADense layers, all or nothing.
+    """Loads an adapter file into `model`'s LoRA layers, all or nothing.
 
-    Every layer path, rank, alpha, shape and base-kernel fingerprint is
-    checked first. On any mismatch an `AdapterMismatchError` lists every
-    problem and the model is left exactly as it was.
+    Every layer path, kind, rank, alpha, shape and base-weight fingerprint
+    is checked first. On any mismatch an `AdapterMismatchError` lists every
+    problem and the model is left exactly as it was; if an assignment fails
+    midway, every variable already written is restored. Arrays are cast to
+    each variable's dtype.
     """
     layers = _tree.lora_layers(model)
     saved = read_adapters(path)
@@ -194,11 +235,56 @@ def load_adapters(model, path):
         for p, (_, arrays) in saved.items()
         for name, array in arrays.items()
     ]
-    backup = [(v, keras.ops.convert_to_numpy(v)) for v, _ in targets]
+    backup = [(v, np.array(keras.ops.convert_to_numpy(v))) for v, _ in targets]
     try:
         for variable, array in targets:
-            variable.assign(array)
+            variable.assign(keras.ops.cast(array, variable.dtype))
     except BaseException:
         for variable, array in backup:
             variable.assign(array)
         raise
+
+
+def apply_adapters(model, path):
+    """Returns a LoRA copy of the base `model` with the file's adapters.
+
+    The LoRA settings of each layer (kind, rank, alpha, rsLoRA, init,
+    dropout, whether the bias trains) come from the file, so a base model
+    saved in its own format (a `.keras` file, a keras-hub preset) plus an
+    adapter file rebuild the trained model exactly, wherever its LoRA
+    layers sit. `model` is not changed. A file that does not fit `model`
+    raises `AdapterMismatchError` listing every problem.
+    """
+    from keras_lora.workflow import apply_lora
+
+    saved = read_adapters(path)
+    records = [record for record, _ in saved.values()]
+    setting = {
+        key: {r["path"]: r[key] for r in records} for key in ("rank", "alpha")
+    }
+    groups = {}
+    for r in records:
+        key = (r["use_rslora"], r["lora_init"] or "default", r["bias"])
+        groups.setdefault(key, []).append(r)
+    if len(groups) != 1 or len({r.get("dropout", 0.0) for r in records}) > 1:
+        raise ValueError(
+            f"Expected an adapter file whose layers share use_rslora, "
+            f"lora_init, dropout and bias training. Received: path='{path}'"
+            " with several; rebuild with `apply_lora` and `load_adapters`."
+        )
+    (use_rslora, lora_init, train_bias), _ = groups.popitem()
+    try:
+        lora = apply_lora(
+            model,
+            targets=sorted(setting["rank"]),
+            rank=setting["rank"],
+            alpha=setting["alpha"],
+            dropout=records[0].get("dropout", 0.0),
+            train_bias=train_bias,
+            use_rslora=use_rslora,
+            lora_init=lora_init,
+        )
+    except ValueError as error:
+        raise AdapterMismatchError(os.fspath(path), [str(error)]) from error
+    load_adapters(lora, path)
+    return lora

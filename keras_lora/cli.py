@@ -193,11 +193,11 @@ def _load_layer(path, name):
 def _run_rank_report(args):
     from keras import ops
 
-    from keras_lora.lowrank import _matrix_of, rank_report
+    from keras_lora.lowrank import layer_matrix, rank_report
 
-    matrix = _matrix_of(_load_layer(args.model, args.layer))
+    matrix = layer_matrix(_load_layer(args.model, args.layer))
     if args.base:
-        base = _matrix_of(_load_layer(args.base, args.layer))
+        base = layer_matrix(_load_layer(args.base, args.layer))
         if tuple(base.shape) != tuple(matrix.shape):
             raise UsageError(
                 f"Expected the same kernel shape in --base. Received: "

@@ -8,13 +8,14 @@ the best rank-r approximation in Frobenius norm).
 """
 
 import dataclasses
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
 from keras_lora import _checks, _tree
-from keras_lora.layers import LoRADense
+from keras_lora.layers import LoRALayer, RankWarning, lora_class_for
 from keras_lora.linalg import svd_factors
 from keras_lora.workflow import apply_lora
 
@@ -98,16 +99,40 @@ def _spectrum_report(sigma, shape, ranks):
     )
 
 
-def _matrix_of(matrix_or_layer):
-    if isinstance(matrix_or_layer, LoRADense):
-        return matrix_or_layer.merged_kernel()
-    if isinstance(matrix_or_layer, keras.layers.Dense):
-        return matrix_or_layer.kernel
+def layer_matrix(matrix_or_layer):
+    """The (in_features, out_features) matrix of a layer's linear map.
+
+    A LoRA layer gives its merged weight (`kernel + scale * A @ B`, whatever
+    its kind), an adaptable base layer (Dense, EinsumDense, Embedding,
+    Conv) its weight in the same matrix view, and a 2-D array itself.
+    """
+    if isinstance(matrix_or_layer, LoRALayer):
+        return matrix_or_layer._to_matrix(matrix_or_layer.merged_kernel())
+    cls = lora_class_for(matrix_or_layer)
+    if cls is not None:
+        reason = cls.check_base(matrix_or_layer)
+        if reason:
+            raise ValueError(
+                f"Expected a built, float layer. Received: "
+                f"'{matrix_or_layer.name}': {reason}."
+            )
+        # A throwaway LoRA twin knows the kind's matrix view.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RankWarning)
+            twin = cls.from_base(matrix_or_layer, rank=1)
+        return twin.kernel_matrix()
+    if isinstance(matrix_or_layer, keras.layers.Layer):
+        raise ValueError(
+            "Expected a 2-D matrix or a Dense, EinsumDense, Embedding or "
+            f"Conv layer (LoRA or not). Received: {matrix_or_layer.name!r} "
+            f"of type {type(matrix_or_layer).__name__}"
+        )
     array = ops.convert_to_tensor(matrix_or_layer, dtype="float32")
     if len(array.shape) != 2:
         raise ValueError(
-            "Expected a 2-D matrix, a Dense or a LoRADense. Received: "
-            f"matrix_or_layer with shape {tuple(array.shape)}"
+            "Expected a 2-D matrix or a Dense, EinsumDense, Embedding or "
+            "Conv layer (LoRA or not). Received: matrix_or_layer with shape "
+            f"{tuple(array.shape)}"
         )
     return array
 
@@ -116,8 +141,8 @@ def rank_report(matrix_or_layer, ranks=DEFAULT_RANKS):
     """Reports how much of a matrix each rank-r truncation keeps.
 
     Args:
-        matrix_or_layer: A 2-D array, a built Dense (its kernel) or a built
-            LoRADense (its `merged_kernel()`).
+        matrix_or_layer: A 2-D array, a built base layer (its weight) or a
+            built LoRA layer (its merged weight), as in `layer_matrix`.
         ranks: Positive ints to report.
 
     Returns:
@@ -132,22 +157,21 @@ def rank_report(matrix_or_layer, ranks=DEFAULT_RANKS):
     """
     for r in ranks:
         _checks.positive_int("ranks", r)
-    matrix = _matrix_of(matrix_or_layer)
+    matrix = layer_matrix(matrix_or_layer)
     sigma = _singular_values(ops.cast(matrix, "float32"))
     return _spectrum_report(sigma, tuple(matrix.shape), tuple(ranks))
 
 
-def _dense_pairs(base_model, finetuned_model, targets):
-    base = {
+def _adaptable(model):
+    return {
         p: layer
-        for p, layer in _tree.walk(base_model)
-        if isinstance(layer, keras.layers.Dense)
+        for p, layer in _tree.walk(model)
+        if lora_class_for(layer) is not None
     }
-    tuned = {
-        p: layer
-        for p, layer in _tree.walk(finetuned_model)
-        if isinstance(layer, keras.layers.Dense)
-    }
+
+
+def _layer_pairs(base_model, finetuned_model):
+    base, tuned = _adaptable(base_model), _adaptable(finetuned_model)
     problems = [
         f"'{p}' only in base_model" for p in sorted(set(base) - set(tuned))
     ]
@@ -155,17 +179,22 @@ def _dense_pairs(base_model, finetuned_model, targets):
         f"'{p}' only in finetuned_model" for p in sorted(set(tuned) - set(base))
     ]
     for p in sorted(set(base) & set(tuned)):
-        a, b = tuple(base[p].kernel.shape), tuple(tuned[p].kernel.shape)
-        if a != b or base[p].use_bias != tuned[p].use_bias:
+        a, b = base[p], tuned[p]
+        shapes = [tuple(w.shape) for w in a.weights]
+        if type(a) is not type(b):
             problems.append(
-                f"'{p}' kernel {a} in base_model, {b} in finetuned_model"
-                if a != b
-                else f"'{p}' use_bias differs"
+                f"'{p}' is a {type(a).__name__} in base_model, a "
+                f"{type(b).__name__} in finetuned_model"
+            )
+        elif shapes != [tuple(w.shape) for w in b.weights]:
+            problems.append(
+                f"'{p}' weights {shapes} in base_model, "
+                f"{[tuple(w.shape) for w in b.weights]} in finetuned_model"
             )
     if problems:
         raise ValueError(
-            "Expected base_model and finetuned_model with the same Dense "
-            "layers and shapes. Received differences: " + "; ".join(problems)
+            "Expected base_model and finetuned_model with the same layers "
+            "and shapes. Received differences: " + "; ".join(problems)
         )
     return tuned
 
@@ -173,7 +202,8 @@ def _dense_pairs(base_model, finetuned_model, targets):
 def extract_lora(base_model, finetuned_model, rank=8, targets=None):
     """Factors a full fine-tune's kernel updates into LoRA layers.
 
-    For each targeted Dense, dW = W_finetuned - W_base is truncated to its
+    For each targeted layer (any kind LoRA adapts), the update
+    dW = W_finetuned - W_base, in the layer's matrix view, is truncated to its
     top-`rank` singular triplets: `scale * lora_a @ lora_b = U_r S_r V_r^T`.
     The bias comes from the fine-tuned model. When dW has rank <= `rank`
     the extracted model reproduces the fine-tuned model's predictions up to
@@ -185,16 +215,20 @@ def extract_lora(base_model, finetuned_model, rank=8, targets=None):
         with `rank`, `energy` and `relative_error`.
     """
     _checks.positive_int("rank", rank)
-    tuned = _dense_pairs(base_model, finetuned_model, targets)
+    tuned = _layer_pairs(base_model, finetuned_model)
     lora_model = apply_lora(base_model, rank=rank, targets=targets)
     report = {}
-    for path, layer in _tree.find(lora_model, LoRADense).items():
-        w_tuned = ops.cast(tuned[path].kernel, "float32")
-        delta = ops.subtract(w_tuned, ops.cast(layer.kernel, "float32"))
+    for path, layer in _tree.lora_layers(lora_model).items():
+        w_tuned = layer._to_matrix(
+            ops.cast(getattr(tuned[path], layer.frozen_name), "float32")
+        )
+        delta = ops.subtract(
+            w_tuned, ops.cast(layer.kernel_matrix(), "float32")
+        )
         a, b = svd_factors(delta, rank, layer.scale)
-        layer.lora_a.assign(a)
-        layer.lora_b.assign(b)
-        if layer.bias is not None:
+        layer.lora_a.assign(ops.reshape(a, layer.lora_a.shape))
+        layer.lora_b.assign(ops.reshape(b, layer.lora_b.shape))
+        if getattr(layer, "bias", None) is not None:
             layer.bias.assign(tuned[path].bias)
         row = _spectrum_report(
             _singular_values(delta), tuple(delta.shape), (rank,)

@@ -22,7 +22,9 @@ from keras_lora.layers import LoRALayer, lora_class_for
 
 # The query and value projections of Keras's MultiHeadAttention and of
 # keras-hub's attention layers: keras-hub's `enable_lora` defaults.
-ATTENTION_QV = r"(.*/)?(query|value|query_dense|value_dense|_query_dense|_value_dense)"
+ATTENTION_QV = (
+    r"(.*/)?(query|value|query_dense|value_dense)"
+)
 LINEAR = (keras.layers.Dense, keras.layers.EinsumDense)
 
 
@@ -85,7 +87,7 @@ def _select(model, targets):
     """Returns `{path: layer}` of the targeted layers; refuses targets that
     name layers no LoRA class adapts, or that cannot be adapted."""
     layers = dict(_tree.walk(model))
-    adaptable = {p: l for p, l in layers.items() if lora_class_for(l)}
+    adaptable = {p: x for p, x in layers.items() if lora_class_for(x)}
     if any(isinstance(layer, LoRALayer) for layer in layers.values()):
         raise ValueError(
             f"Expected a model without LoRA layers. Received: model="
@@ -94,7 +96,7 @@ def _select(model, targets):
         )
     available = ", ".join(sorted(adaptable)) or "none"
     if isinstance(targets, (list, tuple, set)):
-        by_name = {l.name for l in layers.values()}
+        by_name = {x.name for x in layers.values()}
         unknown = [t for t in targets if t not in layers and t not in by_name]
         if unknown:
             raise ValueError(
@@ -106,11 +108,8 @@ def _select(model, targets):
     # Names and paths are strict: naming a layer no LoRA class adapts is an
     # error. None, a regex or a callable choose among adaptable layers.
     strict = isinstance(targets, (list, tuple, set))
-    selected = {
-        p: l
-        for p, l in (layers if strict else adaptable).items()
-        if match(p, l)
-    }
+    pool = layers if strict else adaptable
+    selected = {p: x for p, x in pool.items() if match(p, x)}
     problems = []
     for path, layer in selected.items():
         cls = lora_class_for(layer)

@@ -68,7 +68,8 @@ def test_file_holds_only_trained_weights_keyed_by_path(tmp_path):
         assert record["base_fingerprint"].startswith("sha256:")
     with h5py.File(path) as f:
         meta = json.loads(f.attrs["layers"])
-    assert meta[0]["kernel_shape"] == [10, 12]
+    assert meta[0]["base_shape"] == [10, 12]
+    assert meta[0]["kind"] == "LoRADense"
 
 
 def test_adapter_file_is_10x_smaller_than_keras_file(tmp_path):
@@ -118,8 +119,8 @@ def test_missing_and_extra_layers_all_listed(tmp_path):
     target = apply_lora(_base(), rank=2, targets=["layer_2", "layer_3"])
     error = _mismatch(tmp_path, saved, target)
     text = str(error)
-    assert "'layer_1': in the file but not a LoRADense" in text
-    assert "'layer_3': a LoRADense of the model, missing from the file" in text
+    assert "'layer_1': in the file but not a LoRA layer" in text
+    assert "'layer_3': a LoRA layer of the model, missing from the file" in text
     assert len(error.problems) == 2
 
 

@@ -5,7 +5,12 @@ layer adapts a given Keras layer, so the tree walk and the workflow ask a
 layer what it is rather than testing each class in turn.
 """
 
-from keras_lora.layers.base import LORA_INITS, LORA_KEYS, LoRALayer
+from keras_lora.layers.base import (
+    LORA_INITS,
+    LORA_KEYS,
+    LoRALayer,
+    RankWarning,
+)
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 
@@ -32,5 +37,6 @@ __all__ = [
     "LoRADense",
     "LoRAEinsumDense",
     "LoRALayer",
+    "RankWarning",
     "lora_class_for",
 ]

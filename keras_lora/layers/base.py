@@ -25,6 +25,7 @@ Sources:
 - microsoft/LoRA `loralib/layers.py` (one `LoRALayer` mixin for every kind).
 """
 
+import hashlib
 import math
 import warnings
 
@@ -46,10 +47,19 @@ LORA_KEYS = (
     "train_bias",
     "use_rslora",
     "lora_init",
+    "pissa_fingerprint",
 )
 # Base-layer config keys of Keras's own LoRA and quantization, which
 # `check_base` has already refused when set.
 _REFUSED = ("lora_rank", "lora_alpha", "quantization_config")
+
+
+def weight_fingerprint(weight):
+    """SHA-256 of a weight's float32 little-endian bytes and its shape."""
+    array = np.ascontiguousarray(ops.convert_to_numpy(weight), "<f4")
+    digest = hashlib.sha256(repr(array.shape).encode())
+    digest.update(array.tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 class RankWarning(UserWarning):
@@ -76,6 +86,9 @@ class LoRALayer(keras.layers.Layer):
             `lora_b = 0`) or `"pissa"` (the factors take the top-`rank`
             singular part of the frozen weight, which keeps the residual;
             applied by `from_base` or `pissa_split()`, never on a reload).
+        pissa_fingerprint: Set by `pissa_split()`: the fingerprint of the
+            weight it split, which adapter files record as the base. Leave
+            it None.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Reference:
@@ -97,6 +110,7 @@ class LoRALayer(keras.layers.Layer):
         train_bias=True,
         use_rslora=False,
         lora_init="default",
+        pissa_fingerprint=None,
         **kwargs,
     ):
         _checks.positive_int("rank", rank)
@@ -127,6 +141,7 @@ class LoRALayer(keras.layers.Layer):
         self.train_bias = train_bias
         self.use_rslora = use_rslora
         self.lora_init = lora_init
+        self.pissa_fingerprint = pissa_fingerprint
         self.seed_generator = (
             keras.random.SeedGenerator() if self.dropout > 0 else None
         )
@@ -150,9 +165,7 @@ class LoRALayer(keras.layers.Layer):
             )
             b_init = "zeros"
         else:
-            a_init = (
-                self.lora_a_initializer or self.default_lora_a_initializer
-            )
+            a_init = self.lora_a_initializer or self.default_lora_a_initializer
             b_init = self.lora_b_initializer
         self.lora_a = self.add_weight(
             name="lora_a",
@@ -215,6 +228,7 @@ class LoRALayer(keras.layers.Layer):
             "train_bias": self.train_bias,
             "use_rslora": self.use_rslora,
             "lora_init": self.lora_init,
+            "pissa_fingerprint": self.pissa_fingerprint,
         }
 
     # The linear-map view: every kind's frozen weight is a matrix
@@ -263,7 +277,8 @@ class LoRALayer(keras.layers.Layer):
         whether or not the layer has trained.
         """
         self._require_built("pissa_split")
-        merged = self._to_matrix(self.merged_kernel())
+        merged_kernel = self.merged_kernel()
+        merged = self._to_matrix(merged_kernel)
         a, b = svd_factors(merged, self.rank, self.scale)
         # (in, r) @ (r, out) -> (in, out)
         residual = ops.subtract(
@@ -272,6 +287,14 @@ class LoRALayer(keras.layers.Layer):
         self.frozen_weight.assign(self._from_matrix(residual))
         self.lora_a.assign(ops.reshape(a, self.lora_a.shape))
         self.lora_b.assign(ops.reshape(b, self.lora_b.shape))
+        self.pissa_fingerprint = weight_fingerprint(merged_kernel)
+
+    def base_fingerprint(self):
+        """The fingerprint of the frozen weight the factors belong to: the
+        weight before the PiSSA split if there was one, else the weight."""
+        if self.pissa_fingerprint is not None:
+            return self.pissa_fingerprint
+        return weight_fingerprint(self.frozen_weight)
 
     def _require_built(self, method):
         if not self.built:

@@ -1,7 +1,7 @@
 """Saves adapters of a fixed model under whatever KERAS_BACKEND is set.
 
-Usage: python adapters_on_backend.py PATH. The model's weights come from
-numpy with fixed seeds, so every backend builds the same one.
+Usage: python adapters_on_backend.py PATH [pissa]. The model's weights come
+from numpy with fixed seeds, so every backend builds the same one.
 """
 
 import sys
@@ -12,7 +12,7 @@ import numpy as np
 import keras_lora
 
 
-def fixed_lora_model():
+def fixed_lora_model(lora_init="default"):
     base = keras.Sequential(
         [
             keras.Input((6,)),
@@ -24,7 +24,7 @@ def fixed_lora_model():
     base.set_weights(
         [rng.normal(size=w.shape).astype("float32") for w in base.weights]
     )
-    lora = keras_lora.apply_lora(base, rank=2)
+    lora = keras_lora.apply_lora(base, rank=2, lora_init=lora_init)
     rng = np.random.default_rng(1)
     for w in lora.trainable_weights:
         w.assign(rng.normal(size=w.shape).astype("float32"))
@@ -32,5 +32,6 @@ def fixed_lora_model():
 
 
 if __name__ == "__main__":
-    keras_lora.save_adapters(fixed_lora_model()[1], sys.argv[1])
+    init = sys.argv[2] if len(sys.argv) > 2 else "default"
+    keras_lora.save_adapters(fixed_lora_model(init)[1], sys.argv[1])
     print("saved under", keras.backend.backend())
