@@ -11,10 +11,21 @@ from keras_lora.layers.base import (
     LoRALayer,
     RankWarning,
 )
+from keras_lora.layers.conv import LoRAConv, LoRAConv1D, LoRAConv2D
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
+from keras_lora.layers.embedding import LoRAEmbedding, LoRAReversibleEmbedding
 
-LORA_LAYERS = (LoRADense, LoRAEinsumDense)
+# First match wins: a subclass's LoRA class comes before its base's
+# (LoRAReversibleEmbedding before LoRAEmbedding).
+LORA_LAYERS = (
+    LoRADense,
+    LoRAEinsumDense,
+    LoRAReversibleEmbedding,
+    LoRAEmbedding,
+    LoRAConv1D,
+    LoRAConv2D,
+)
 
 
 def lora_class_for(layer):
@@ -34,8 +45,13 @@ __all__ = [
     "LORA_INITS",
     "LORA_KEYS",
     "LORA_LAYERS",
+    "LoRAConv",
+    "LoRAConv1D",
+    "LoRAConv2D",
     "LoRADense",
     "LoRAEinsumDense",
+    "LoRAEmbedding",
+    "LoRAReversibleEmbedding",
     "LoRALayer",
     "RankWarning",
     "lora_class_for",

@@ -1,0 +1,378 @@
+"""`LoRAEmbedding` and `LoRAReversibleEmbedding`: a frozen token table plus
+a low-rank update, applied row by row.
+
+Sources:
+- Hu et al., "LoRA", 2021, arXiv:2106.09685.
+- microsoft/LoRA `loralib/layers.py` `Embedding` and PEFT
+  `tuners/lora/layer.py` `Embedding`: the ids gather rows of `lora_a`, which
+  are then projected by `lora_b`; one factor starts at zero, the other from
+  a unit normal.
+- Press and Wolf, 2016, arXiv:1608.05859 (the tied output projection).
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora import _checks
+from keras_lora.layers.base import LoRALayer
+
+
+def refuse_embeddings_constraint(layer_name, embeddings_constraint):
+    """A constraint on a frozen table never applies; refuse it by name."""
+    if embeddings_constraint is not None:
+        raise ValueError(
+            "Expected embeddings_constraint=None: the embeddings are frozen, "
+            "so a constraint on them would never apply. Received: "
+            f"embeddings_constraint={embeddings_constraint!r} for "
+            f"'{layer_name}'. Constrain the merged layer after `merge_lora` "
+            "instead."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAEmbedding(LoRALayer):
+    """Embedding layer with a frozen table and a trainable LoRA update.
+
+    The pretrained table `E` (input_dim x output_dim) never trains. The
+    layer learns `lora_a` (input_dim x rank) and `lora_b` (rank x
+    output_dim) and computes, for integer ids,
+
+    `take(E, ids) + scale * dropout(take(lora_a, ids)) @ lora_b`
+
+    so a step gathers `rank` numbers per token and never forms the
+    input_dim x output_dim update. `lora_b` starts at zero, so a fresh layer
+    computes exactly what an `Embedding` with the same table computes.
+
+    `lora_a` defaults to `RandomNormal(stddev=1.0)`, not `he_uniform`: its
+    fan-in is the vocabulary size, so `he_uniform` would give each gathered
+    row entries of about `sqrt(6 / input_dim)` and `lora_b` almost no
+    gradient. A unit normal gives rows the scale a unit input gives a
+    `LoRADense`; PEFT and loralib draw their non-zero embedding factor from
+    the same distribution.
+
+    Dropout (if any) applies to the gathered `lora_a` rows, the LoRA
+    branch's only float input, during training only.
+
+    Args:
+        input_dim: Positive integer, the vocabulary size.
+        output_dim: Positive integer, the embedding dimension.
+        rank, alpha, dropout, lora_a_initializer, lora_b_initializer,
+            lora_regularizer, use_rslora, lora_init: The LoRA arguments, as
+            in `LoRALayer` (`train_bias` is accepted and unused).
+        embeddings_initializer: Initializer for the frozen table.
+        embeddings_regularizer: Regularizer for the table.
+        embeddings_constraint: Must be None: the table is frozen.
+        mask_zero: Boolean, whether id 0 is padding to be masked out.
+        weights: Optional initial table, an array of shape
+            `(input_dim, output_dim)` (or a list holding one).
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: An integer tensor of ids in `[0, input_dim)`.
+        training: Python boolean; enables dropout on the LoRA branch.
+
+    Input shape:
+        N-D tensor with shape `(batch_size, ...)`.
+
+    Output shape:
+        (N+1)-D tensor with shape `(batch_size, ..., output_dim)`.
+
+    Example:
+
+    >>> layer = LoRAEmbedding(100, 16, rank=4)
+    >>> tuple(layer(keras.ops.ones((2, 5), "int32")).shape)
+    (2, 5, 16)
+    >>> [w.name for w in layer.trainable_weights]
+    ['lora_a', 'lora_b']
+
+    Reference:
+        Hu et al., 2021, arXiv:2106.09685.
+    """
+
+    base_class = keras.layers.Embedding
+    frozen_name = "embeddings"
+    # A config, not an instance: an unseeded instance repeats its draws, so
+    # every layer would start from the same lora_a.
+    default_lora_a_initializer = {
+        "class_name": "RandomNormal",
+        "config": {"stddev": 1.0},
+    }
+
+    def __init__(
+        self,
+        input_dim,
+        output_dim,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        embeddings_initializer="uniform",
+        embeddings_regularizer=None,
+        embeddings_constraint=None,
+        mask_zero=False,
+        weights=None,
+        **kwargs,
+    ):
+        _checks.positive_int("input_dim", input_dim)
+        _checks.positive_int("output_dim", output_dim)
+        _checks.boolean("mask_zero", mask_zero)
+        refuse_embeddings_constraint(kwargs.get("name"), embeddings_constraint)
+        super().__init__(rank=rank, alpha=alpha, dropout=dropout, **kwargs)
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.embeddings_initializer = keras.initializers.get(
+            embeddings_initializer
+        )
+        self.embeddings_regularizer = keras.regularizers.get(
+            embeddings_regularizer
+        )
+        self.mask_zero = mask_zero
+        self.supports_masking = mask_zero
+        # As Embedding: the table is read in its variable dtype and the
+        # result cast, so the ids are never cast to a float.
+        self.autocast = False
+        self._assign_initial_weights(weights)
+
+    def _assign_initial_weights(self, weights):
+        if weights is not None:
+            self.build()
+            if isinstance(weights, (list, tuple)) and len(weights) == 1:
+                weights = weights[0]
+            self.embeddings.assign(np.asarray(weights))
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        self.embeddings = self.add_weight(
+            name="embeddings",
+            shape=(self.input_dim, self.output_dim),
+            initializer=self.embeddings_initializer,
+            regularizer=self.embeddings_regularizer,
+            trainable=False,
+        )
+        self._add_lora_weights((self.input_dim,), (self.output_dim,))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        if inputs.dtype not in ("int32", "int64"):
+            inputs = ops.cast(inputs, "int32")
+        # take((in, out), (...)) -> (..., out)
+        outputs = ops.take(self.embeddings, inputs, axis=0)
+        # take((in, r), (...)) -> (..., r)
+        rows = ops.take(self.lora_a, inputs, axis=0)
+        # (..., r) @ (r, out) -> (..., out)
+        update = ops.matmul(self._lora_inputs(rows, training), self.lora_b)
+        outputs = ops.add(outputs, ops.multiply(update, self.scale))
+        return ops.cast(outputs, self.compute_dtype)
+
+    def compute_mask(self, inputs, mask=None):
+        if not self.mask_zero:
+            return None
+        return ops.not_equal(inputs, 0)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape, self.output_dim)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "input_dim": self.input_dim,
+            "output_dim": self.output_dim,
+            "embeddings_initializer": keras.initializers.serialize(
+                self.embeddings_initializer
+            ),
+            "embeddings_regularizer": keras.regularizers.serialize(
+                self.embeddings_regularizer
+            ),
+            "activity_regularizer": keras.regularizers.serialize(
+                self.activity_regularizer
+            ),
+            "embeddings_constraint": None,
+            "mask_zero": self.mask_zero,
+        }
+
+    @classmethod
+    def check_base(cls, layer):
+        reversible = isinstance(layer, keras.layers.ReversibleEmbedding)
+        if reversible and cls is LoRAEmbedding:
+            return (
+                "it is a ReversibleEmbedding, not a plain Embedding; use "
+                "LoRAReversibleEmbedding"
+            )
+        return super().check_base(layer)
+
+    def merged_embeddings(self):
+        """Returns the frozen table plus the update, `E + scale * A @ B`."""
+        return self.merged_kernel()
+
+    @classmethod
+    def from_embedding(cls, layer, rank=8, alpha=None, dropout=0.0, **kwargs):
+        """Returns a built LoRA layer that starts from `layer`'s table.
+
+        See `LoRALayer.from_base`: every argument is kept, a set
+        `embeddings_constraint` is refused by name, and the output equals
+        the base layer's output exactly until the layer trains.
+
+        Example:
+
+        >>> base = keras.layers.Embedding(10, 4)
+        >>> base.build()
+        >>> tuple(LoRAEmbedding.from_embedding(base, rank=2).lora_a.shape)
+        (10, 2)
+        """
+        return cls.from_base(
+            layer, rank=rank, alpha=alpha, dropout=dropout, **kwargs
+        )
+
+    def to_embedding(self):
+        """Returns a built base embedding layer whose table is merged."""
+        return self.to_base()
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAReversibleEmbedding(LoRAEmbedding):
+    """`ReversibleEmbedding` with a frozen table and a trainable LoRA update.
+
+    Forward (`reverse=False`) it is a `LoRAEmbedding`. In reverse it
+    projects hidden states to logits through the adapted, tied table,
+    factorised as `x @ E^T + scale * (x @ lora_b^T) @ lora_a^T`, then
+    applies `logit_soft_cap` as Keras does. With `tie_weights=False` the
+    separate `reverse_embeddings` are frozen and not adapted: only the
+    forward table gets the update. `to_base()` returns a
+    `keras.layers.ReversibleEmbedding`, also for keras-hub's subclass.
+
+    Args:
+        input_dim, output_dim, rank, alpha, dropout, ...: As in
+            `LoRAEmbedding`; in reverse, dropout applies to the LoRA
+            branch's input `x`.
+        tie_weights: Boolean, whether the reverse projection uses the
+            (adapted) table.
+        reverse_dtype: The dtype of the reverse projection; defaults to the
+            dtypes of the inputs and weights, as in Keras.
+        logit_soft_cap: If set, reverse logits become
+            `tanh(logits / logit_soft_cap) * logit_soft_cap`.
+
+    Call arguments:
+        inputs: Integer ids, or hidden states when `reverse=True`.
+        reverse: Boolean; project `(..., output_dim)` to `(..., input_dim)`.
+        training: Python boolean; enables dropout on the LoRA branch.
+
+    Input shape:
+        `(batch_size, ...)` ids, or `(batch_size, ..., output_dim)` in
+        reverse.
+
+    Output shape:
+        `(batch_size, ..., output_dim)`, or `(batch_size, ..., input_dim)`
+        in reverse.
+
+    Example:
+
+    >>> layer = LoRAReversibleEmbedding(100, 16, rank=4)
+    >>> hidden = layer(keras.ops.ones((2, 5), "int32"))
+    >>> tuple(layer(hidden, reverse=True).shape)
+    (2, 5, 100)
+
+    Reference:
+        Hu et al., 2021, arXiv:2106.09685; Press and Wolf, 2016,
+        arXiv:1608.05859.
+    """
+
+    base_class = keras.layers.ReversibleEmbedding
+
+    def __init__(
+        self,
+        input_dim,
+        output_dim,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        tie_weights=True,
+        reverse_dtype=None,
+        logit_soft_cap=None,
+        weights=None,
+        **kwargs,
+    ):
+        _checks.boolean("tie_weights", tie_weights)
+        if logit_soft_cap is not None:
+            _checks.positive_number("logit_soft_cap", logit_soft_cap)
+        # `weights` waits: building needs `tie_weights`.
+        super().__init__(input_dim, output_dim, rank, alpha, dropout, **kwargs)
+        self.tie_weights = tie_weights
+        self.reverse_dtype = reverse_dtype
+        self.logit_soft_cap = logit_soft_cap
+        self.reverse_embeddings = None
+        self._reverse_call = False
+        self._assign_initial_weights(weights)
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        super().build(input_shape)
+        if not self.tie_weights:
+            self.reverse_embeddings = self.add_weight(
+                name="reverse_embeddings",
+                shape=(self.output_dim, self.input_dim),
+                initializer=self.embeddings_initializer,
+                trainable=False,
+            )
+
+    def __call__(self, inputs, reverse=False, **kwargs):
+        # `compute_mask` sees only the inputs: tell it which way this is.
+        self._reverse_call = reverse
+        try:
+            return super().__call__(inputs, reverse=reverse, **kwargs)
+        finally:
+            self._reverse_call = False
+
+    def call(self, inputs, reverse=False, training=None):
+        if not reverse:
+            return super().call(inputs, training=training)
+        if not self.tie_weights:
+            # The untied projection is frozen and not adapted.
+            kernel = ops.convert_to_tensor(self.reverse_embeddings)
+            if self.reverse_dtype is not None:
+                inputs = ops.cast(inputs, self.reverse_dtype)
+                kernel = ops.cast(kernel, self.reverse_dtype)
+            # (..., out) @ (out, in) -> (..., in)
+            logits = ops.matmul(inputs, kernel)
+        else:
+            lora_inputs = self._lora_inputs(inputs, training)
+            tensors = (inputs, lora_inputs, self.embeddings)
+            tensors += (self.lora_a, self.lora_b)
+            if self.reverse_dtype is not None:
+                tensors = [ops.cast(t, self.reverse_dtype) for t in tensors]
+            inputs, lora_inputs, table, a, b = tensors
+            # x @ (E + s A B)^T = x @ E^T + s (x @ B^T) @ A^T:
+            # (..., out) @ (out, in) -> (..., in)
+            logits = ops.matmul(inputs, ops.transpose(table))
+            # (..., out) @ (out, r) -> (..., r)
+            hidden = ops.matmul(lora_inputs, ops.transpose(b))
+            # (..., r) @ (r, in) -> (..., in)
+            update = ops.matmul(hidden, ops.transpose(a))
+            logits = ops.add(logits, ops.multiply(update, self.scale))
+        if self.logit_soft_cap is not None:
+            cap = self.logit_soft_cap
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
+
+    def compute_mask(self, inputs, mask=None):
+        if self._reverse_call:
+            return None
+        return super().compute_mask(inputs, mask)
+
+    def compute_output_shape(self, input_shape, reverse=False):
+        if reverse:
+            return (*input_shape[:-1], self.input_dim)
+        return (*input_shape, self.output_dim)
+
+    def compute_output_spec(self, inputs, reverse=False, training=None):
+        shape = self.compute_output_shape(inputs.shape, reverse=reverse)
+        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "tie_weights": self.tie_weights,
+            "reverse_dtype": self.reverse_dtype,
+            "logit_soft_cap": self.logit_soft_cap,
+        }
