@@ -9,9 +9,13 @@ from keras_lora.adapters import (
     save_adapters,
 )
 from keras_lora.layers import (
+    LoRAConv1D,
+    LoRAConv2D,
     LoRADense,
     LoRAEinsumDense,
+    LoRAEmbedding,
     LoRALayer,
+    LoRAReversibleEmbedding,
     RankWarning,
 )
 from keras_lora.lowrank import (
@@ -38,9 +42,13 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterMismatchError",
     "LayerComparison",
+    "LoRAConv1D",
+    "LoRAConv2D",
     "LoRADense",
     "LoRAEinsumDense",
+    "LoRAEmbedding",
     "LoRALayer",
+    "LoRAReversibleEmbedding",
     "RankWarning",
     "apply_adapters",
     "apply_lora",

@@ -8,6 +8,7 @@ Subcommands:
 """
 
 import argparse
+import dataclasses
 import sys
 
 from keras_lora._argtypes import (
@@ -52,11 +53,45 @@ def _add_compare(subparsers):
     p.add_argument(
         "--format", choices=("table", "markdown", "json"), default="table"
     )
+    p.add_argument(
+        "--hub",
+        choices=("bert", "gpt2", "gemma", "llama"),
+        help="instead: a keras-hub backbone built from config (random "
+        "weights, needs keras-hub), ours at --rank against Keras's "
+        "enable_lora(--rank) on its query and value projections",
+    )
+    p.add_argument("--hidden-dim", type=positive_int, default=768)
+    p.add_argument("--heads", type=positive_int, default=12)
+    p.add_argument("--layers", type=positive_int, default=1)
     p.set_defaults(run=_run_compare)
+
+
+def _run_hub_compare(args):
+    import json
+
+    from keras_lora import builtin_comparison as bc
+
+    if args.hidden_dim % args.heads:
+        raise UsageError(
+            f"expected --hidden-dim divisible by --heads, received "
+            f"{args.hidden_dim} and {args.heads}"
+        )
+    backbone = bc.build_hub_backbone(
+        args.hub, args.hidden_dim, args.heads, args.layers
+    )
+    result = bc.compare_with_keras_lora(backbone, rank=args.rank)
+    if args.format == "json":
+        return json.dumps(
+            [dataclasses.asdict(r) for r in result.rows], indent=2
+        )
+    return result.to_markdown()
 
 
 def _run_compare(args):
     import keras
+
+    if args.hub:
+        return _run_hub_compare(args)
 
     from keras_lora.layers import LoRADense
     from keras_lora.parameters import compare_parameters

@@ -14,7 +14,7 @@ import math
 import keras
 
 from keras_lora import _checks, _tree
-from keras_lora.layers import LoRADense
+from keras_lora.layers import LoRALayer, lora_class_for
 
 
 def _size(variables):
@@ -197,56 +197,80 @@ class ParameterComparison:
         return "\n".join(out + ["", self._summary()])
 
 
-def _dense_like(model_or_layers, kind):
-    if isinstance(model_or_layers, keras.Model):
-        layers = [layer for _, layer in _tree.walk(model_or_layers)]
-    else:
-        layers = list(model_or_layers)
-    found = [layer for layer in layers if isinstance(layer, kind)]
-    for layer in found:
+def _built(layers):
+    for path, layer in layers:
         if not layer.built:
             raise ValueError(
-                f"Expected built layers. Received: layer '{layer.name}' is "
-                "not built; call the model on an input first."
+                f"Expected built layers. Received: layer '{path}' is not "
+                "built; call the model on an input first."
             )
-    return found
+    return layers
+
+
+def _pairs(baseline_model, lora_model):
+    """Pairs each LoRA layer with its base layer: by path for two models,
+    by position for two sequences of layers."""
+    if isinstance(baseline_model, keras.Model) and isinstance(
+        lora_model, keras.Model
+    ):
+        base = dict(_tree.walk(baseline_model))
+        lora = _tree.find(lora_model, LoRALayer)
+        if lora and set(lora) <= set(base):
+            return _built([(p, base[p]) for p in lora]), _built(
+                list(lora.items())
+            )
+
+    def listed(layers, keep):
+        if isinstance(layers, keras.Model):
+            return [(p, x) for p, x in _tree.walk(layers) if keep(x)]
+        return [(x.name, x) for x in layers if keep(x)]
+
+    base = listed(baseline_model, lambda x: lora_class_for(x) is not None)
+    lora = listed(lora_model, lambda x: isinstance(x, LoRALayer))
+    if len(base) != len(lora) or not base:
+        raise ValueError(
+            "Expected as many adaptable layers (Dense, EinsumDense, "
+            "Embedding, Conv) in `baseline_model` as LoRA layers in "
+            f"`lora_model`, at least one. Received: {len(base)} and "
+            f"{len(lora)}."
+        )
+    return _built(base), _built(lora)
 
 
 def compare_parameters(baseline_model, lora_model):
-    """Compares a Dense model with its LoRA twin, layer by layer.
+    """Compares a model with its LoRA twin, layer by layer.
 
-    Each argument is a model or a sequence of built layers. The n-th Dense
-    of the baseline pairs with the n-th LoRADense of the LoRA model; their
-    kernels must have the same shape.
+    Each argument is a model or a sequence of built layers. Two models pair
+    each LoRA layer with the baseline layer at the same path (so a model
+    from `apply_lora` compares with its source, whatever was targeted);
+    two sequences pair the n-th adaptable layer with the n-th LoRA layer.
+    Paired weights must have the same shape. Every LoRA kind counts.
 
     Returns:
         A `ParameterComparison` with one `LayerComparison` per pair.
     """
-    dense = _dense_like(baseline_model, keras.layers.Dense)
-    lora = _dense_like(lora_model, LoRADense)
-    if len(dense) != len(lora) or not dense:
-        raise ValueError(
-            "Expected as many Dense layers in `baseline_model` as LoRADense "
-            f"layers in `lora_model`, at least one. Received: {len(dense)} "
-            f"Dense and {len(lora)} LoRADense."
-        )
+    base, lora = _pairs(baseline_model, lora_model)
     rows = []
-    for d, lo in zip(dense, lora):
-        if tuple(d.kernel.shape) != tuple(lo.kernel.shape):
+    for (_, d), (path, lo) in zip(base, lora):
+        shape = tuple(lo.frozen_weight.shape)
+        theirs = getattr(d, lo.frozen_name, None)
+        if theirs is None or tuple(theirs.shape) != shape:
             raise ValueError(
-                f"Expected paired layers with equal kernel shapes. Received: "
-                f"'{d.name}' {tuple(d.kernel.shape)} vs '{lo.name}' "
-                f"{tuple(lo.kernel.shape)}."
+                f"Expected paired layers with equal weight shapes. Received:"
+                f" '{d.name}' {None if theirs is None else tuple(theirs.shape)}"
+                f" vs '{lo.name}' {shape}."
             )
-        bias = _size([lo.bias]) if lo.bias is not None else 0
+        bias = getattr(lo, "bias", None)
         rows.append(
             LayerComparison(
-                name=lo.name,
-                kernel_shape=tuple(lo.kernel.shape),
+                name=lo.name
+                if not isinstance(lora_model, keras.Model)
+                else path,
+                kernel_shape=shape,
                 baseline_trainable=_size(d.trainable_weights),
                 lora_a=_size([lo.lora_a]),
                 lora_b=_size([lo.lora_b]),
-                bias=bias,
+                bias=0 if bias is None else _size([bias]),
                 lora_trainable=_size(lo.trainable_weights),
                 frozen=_size(lo.non_trainable_weights),
             )

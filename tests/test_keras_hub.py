@@ -11,6 +11,7 @@ import pytest
 from keras_lora import (
     AdapterMismatchError,
     LoRALayer,
+    _tree,
     apply_adapters,
     apply_lora,
     copy_model,
@@ -18,7 +19,6 @@ from keras_lora import (
     merge_lora,
     save_adapters,
 )
-from keras_lora import _tree
 from keras_lora.layers import lora_class_for
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -123,7 +123,9 @@ def test_apply_lora_counts_and_identity(build, targets):
 
 
 def _classifier(backbone):
-    inputs = {k: keras.Input((None,), dtype="int32", name=k) for k in backbone.input}
+    inputs = {
+        k: keras.Input((None,), dtype="int32", name=k) for k in backbone.input
+    }
     h = backbone(inputs)
     if isinstance(h, dict):
         h = h["sequence_output"]
@@ -231,3 +233,44 @@ def test_embeddings_adapted_only_when_named():
     assert kinds == {"LoRAReversibleEmbedding", "LoRAEinsumDense"}
     x = _inputs(base)
     np.testing.assert_array_equal(_out(lora, x), _out(base, x))
+
+
+@pytest.mark.parametrize("build", [bert, gemma])
+def test_compare_with_keras_lora_counts_and_ranks(build):
+    from keras_lora.builtin_comparison import compare_with_keras_lora
+
+    base = build()
+    before = [np.array(keras.ops.convert_to_numpy(w)) for w in base.weights]
+    result = compare_with_keras_lora(base, rank=3)
+    assert len(result.rows) == 4
+    layers = dict(_tree.walk(base))
+    for row in result.rows:
+        kernel = tuple(layers[row.path].kernel.shape)
+        assert row.weight_shape == kernel
+        # Keras: (*lead, r) @ (r, last); rank up to r per leading slice.
+        lead = math.prod(kernel[:-1])
+        assert row.keras_params == 3 * (lead + kernel[-1])
+        assert row.ours_rank == 3
+        # One head (Gemma's single key/value head): the two coincide.
+        if row.keras_params > row.ours_params:
+            assert row.keras_rank > row.ours_rank
+        else:
+            assert row.keras_rank == row.ours_rank
+    assert result.ours_params < result.keras_params
+    for w, old in zip(base.weights, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), old)
+    assert f"{result.keras_params:,}" in result.to_markdown()
+
+
+def test_cli_compare_hub_prints_both_columns(capsys):
+    from keras_lora.cli import main
+
+    code = main(
+        ["compare", "--hub", "bert", "--hidden-dim", "32", "--heads", "4"]
+        + ["--rank", "2"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    # BERT query 32x4x8 at r=2: ours 2*(32+32) = 128, Keras 2*(32*4+8) = 272.
+    assert "| 128 | 2 | 272 | 8 |" in out
+    assert main(["compare", "--hub", "bert", "--hidden-dim", "30"]) == 2
