@@ -14,7 +14,8 @@ from keras_lora.layers.base import (
 from keras_lora.layers.conv import LoRAConv, LoRAConv1D, LoRAConv2D
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
-from keras_lora.layers.embedding import LoRAEmbedding, LoRAReversibleEmbedding
+from keras_lora.layers.embedding import LoRAEmbedding
+from keras_lora.layers.reversible_embedding import LoRAReversibleEmbedding
 
 # First match wins: a subclass's LoRA class comes before its base's
 # (LoRAReversibleEmbedding before LoRAEmbedding).

@@ -1,0 +1,133 @@
+"""Conversion between a Keras layer and its LoRA twin, for every kind.
+
+`from_base` passes the base layer's whole config to the LoRA class (which
+accepts every argument of its base) and copies the weights by name and by
+value; `to_base` does the reverse with the merged weight. So no argument of
+the base layer is lost either way, and no buffer is shared.
+"""
+
+import numpy as np
+from keras import ops
+
+LORA_KEYS = (
+    "rank",
+    "alpha",
+    "dropout",
+    "lora_a_initializer",
+    "lora_b_initializer",
+    "lora_regularizer",
+    "train_bias",
+    "use_rslora",
+    "lora_init",
+    "pissa_fingerprint",
+)
+# Base-layer config keys of Keras's own LoRA and quantization, which
+# `check_base` has already refused when set.
+_REFUSED = ("lora_rank", "lora_alpha", "quantization_config")
+
+
+class BaseConversion:
+    """Mixin giving every LoRA layer `check_base`, `from_base`, `to_base`."""
+
+    @classmethod
+    def check_base(cls, layer):
+        """Returns None if `from_base(layer)` can work, else the reason."""
+        if not isinstance(layer, cls.base_class):
+            return (
+                f"it is a {type(layer).__name__}, not a "
+                f"{cls.base_class.__name__}"
+            )
+        if not layer.built:
+            return "it is not built: call the model on an input first"
+        if getattr(layer, "lora_enabled", False):
+            return (
+                "it uses Keras's built-in LoRA (lora_rank="
+                f"{layer.lora_rank}); build it without `lora_rank`"
+            )
+        if getattr(layer, "quantization_mode", None) is not None:
+            return (
+                "it is quantized (quantization_mode="
+                f"{layer.quantization_mode!r}); expected a float layer"
+            )
+        return None
+
+    @classmethod
+    def from_base(cls, layer, rank=8, alpha=None, dropout=0.0, **lora_kwargs):
+        """Returns a built LoRA layer that starts from `layer`'s weights.
+
+        Every argument of `layer` is kept (name, activation, dtype policy,
+        initializers, regularizers, constraints on the trainable bias), its
+        weights are copied by value (`layer` is not changed and shares no
+        buffer with the result), and the new layer computes exactly what
+        `layer` computes until it trains. With `lora_init="pissa"` the
+        weight is split here, once.
+
+        Args:
+            layer: A built instance of `base_class`.
+            rank, alpha, dropout: As in the class.
+            **lora_kwargs: Other LoRA arguments, e.g. `train_bias`,
+                `use_rslora` or `lora_init`.
+        """
+        reason = cls.check_base(layer)
+        if reason is not None:
+            error = TypeError if "not a " in reason else ValueError
+            raise error(
+                f"Expected a built, float {cls.base_class.__name__} without "
+                f"Keras's LoRA. Received: layer='{getattr(layer, 'name', '')}'"
+                f" ({type(layer).__name__}): {reason}."
+            )
+        config = {**cls._config_from_base(layer), **lora_kwargs}
+        new = cls(rank=rank, alpha=alpha, dropout=dropout, **config)
+        new.build_from_config(layer.get_build_config())
+        by_name = {v.name: v for v in new.weights}
+        for variable in layer.weights:
+            if variable.name in by_name:
+                by_name[variable.name].assign(
+                    np.array(ops.convert_to_numpy(variable))
+                )
+        if new.lora_init == "pissa":
+            new.pissa_split()
+        return new
+
+    @classmethod
+    def _config_from_base(cls, layer):
+        config = layer.get_config()
+        for key in _REFUSED + ("trainable",):
+            config.pop(key, None)
+        if layer.activity_regularizer is not None:
+            config["activity_regularizer"] = layer.activity_regularizer
+        return config
+
+    def to_base(self):
+        """Returns a built base layer whose frozen weight is merged.
+
+        Every base argument is kept, and the other weights (the bias) are
+        copied by value. Raises `ValueError` naming the layer, before
+        creating anything, if the merged weight holds NaN or inf.
+        """
+        merged = np.array(ops.convert_to_numpy(self.merged_kernel()))
+        if not np.all(np.isfinite(merged)):
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' cannot be merged: its "
+                "merged weight holds NaN or inf. Expected finite weights; "
+                "check the training run or reload the adapters."
+            )
+        config = self.get_config()
+        for key in LORA_KEYS + ("trainable",):
+            config.pop(key, None)
+        if self.activity_regularizer is not None:
+            config["activity_regularizer"] = self.activity_regularizer
+        base = self._base_class_for_merge().from_config(config)
+        base.build_from_config(self.get_build_config())
+        values = {v.name: v for v in self.weights}
+        for variable in base.weights:
+            if variable.name == self.frozen_name:
+                variable.assign(merged)
+            elif variable.name in values:
+                variable.assign(
+                    np.array(ops.convert_to_numpy(values[variable.name]))
+                )
+        return base
+
+    def _base_class_for_merge(self):
+        return self.base_class
