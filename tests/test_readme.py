@@ -4,6 +4,8 @@ import json
 import pathlib
 import re
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -34,6 +36,23 @@ def test_python_examples_run(tmp_path, monkeypatch, capsys):
     assert "173130 11802 93.18%" in out
     assert namespace["report"].numerical_rank == 2
     assert (tmp_path / "task.lora.h5").is_file()
+    # LoRA for transformers: the file restores the trained backbone, and the
+    # merged backbone predicts what it predicts.
+    assert "BertBackbone 12" in out
+    tokens, lora_bert = namespace["tokens"], namespace["lora_bert"]
+    expected = lora_bert(tokens)["sequence_output"]
+    assert not np.allclose(
+        expected, namespace["backbone"](tokens)["sequence_output"]
+    )
+    np.testing.assert_array_equal(
+        namespace["restored"](tokens)["sequence_output"], expected
+    )
+    np.testing.assert_allclose(
+        namespace["merged"](tokens)["sequence_output"],
+        expected,
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def _compare(capsys, *argv):
@@ -77,4 +96,14 @@ def test_readme_parameter_table_is_the_commands(capsys):
     assert main(["compare", "--format", "markdown"]) == 0
     table = capsys.readouterr().out.strip().split("\n\n")[0]
     assert table.startswith("| layer | kernel |")
+    assert table in README
+
+
+def test_readme_builtin_comparison_table_is_the_commands(capsys):
+    from keras_lora.cli import main
+
+    capsys.readouterr()
+    assert main(["compare", "--hub", "bert", "--rank", "8"]) == 0
+    table = capsys.readouterr().out.strip()
+    assert table.startswith("| layer | weight |")
     assert table in README
