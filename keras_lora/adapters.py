@@ -69,6 +69,7 @@ def _record(path, layer):
         "use_rslora": layer.use_rslora,
         "lora_init": layer.lora_init,
         "dropout": layer.dropout,
+        "train_bias": layer.train_bias,
         "dtype": keras.backend.standardize_dtype(layer.lora_a.dtype),
         "base_shape": list(layer.frozen_weight.shape),
         "bias": layer.train_bias and getattr(layer, "bias", None) is not None,
@@ -264,7 +265,8 @@ def apply_adapters(model, path):
     }
     groups = {}
     for r in records:
-        key = (r["use_rslora"], r["lora_init"] or "default", r["bias"])
+        train_bias = r.get("train_bias", r["bias"])
+        key = (r["use_rslora"], r["lora_init"] or "default", train_bias)
         groups.setdefault(key, []).append(r)
     if len(groups) != 1 or len({r.get("dropout", 0.0) for r in records}) > 1:
         raise ValueError(
