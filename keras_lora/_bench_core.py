@@ -1,13 +1,25 @@
 """The benchmark's variants and measurements (`keras_lora.bench` is its
 command and report).
 
-Four variants of the same stack of `depth` square layers of `width` units:
+Four variants of the same stack of `depth` square layers of `width` units,
+one builder per layer kind (`LAYERS`). With `layer="dense"` the stack takes
+`(batch, width)` inputs and its layers are:
 
 - `dense`: `keras.layers.Dense`, full fine-tune;
 - `keras_lora`: `keras.layers.Dense(..., lora_rank=rank)`, Keras's built-in
   LoRA, which rebuilds `kernel + A @ B` on every call;
 - `lora`: `LoRADense`, factorised;
 - `merged`: `merge_lora` of the LoRADense stack, inference only.
+
+With `layer="einsum"` each layer is an attention query projection,
+`EinsumDense(EQUATION, (seq, heads, width // heads), bias_axes="nh")` (BERT's
+`"abc,cde->abde"`), followed by a `Reshape` back to `(seq, width)`, on
+`(batch, seq, width)` inputs: `dense` is the plain EinsumDense stack,
+`keras_lora` the same with `lora_rank=rank` (its `lora_kernel_a` is
+`(width, heads, rank)`, its `lora_kernel_b` `(rank, width // heads)`), `lora`
+is `apply_lora` of the `dense` stack (`LoRAEinsumDense`: `lora_a`
+`(width, rank)`, `lora_b` `(rank, heads, width // heads)`) and `merged` its
+`merge_lora`.
 
 Times are taken in one process, interleaved (dense, keras_lora, lora, merged,
 dense, ...) so machine drift hits every variant alike. A train step is a
@@ -29,16 +41,14 @@ import time
 
 VARIANTS = ("dense", "keras_lora", "lora", "merged")
 TRAINED = ("dense", "keras_lora", "lora")
+LAYERS = ("dense", "einsum")
+EQUATION = "btd,dnh->btnh"  # (batch, seq, width) . (width, heads, head_dim)
 
 
-def build_variant(name, width, depth, rank, dtype, seed=0):
-    """Returns the compiled model of one variant (see the module doc)."""
+def _dense_stack(name, width, depth, rank, dtype, seq, heads):
     import keras
 
     from keras_lora.layers import LoRADense
-    from keras_lora.workflow import merge_lora
-
-    keras.utils.set_random_seed(seed)
 
     def layer(i):
         common = {"name": f"layer_{i + 1}", "dtype": dtype}
@@ -48,23 +58,84 @@ def build_variant(name, width, depth, rank, dtype, seed=0):
             return keras.layers.Dense(width, lora_rank=rank, **common)
         return LoRADense(width, rank=rank, **common)
 
-    model = keras.Sequential(
-        [keras.Input((width,))] + [layer(i) for i in range(depth)],
-        name=name,
-    )
+    layers = [layer(i) for i in range(depth)]
+    return keras.Sequential([keras.Input((width,))] + layers, name=name)
+
+
+def _einsum_stack(name, width, depth, rank, dtype, seq, heads):
+    import keras
+
+    from keras_lora.workflow import apply_lora
+
+    if name == "lora":
+        plain = _einsum_stack("dense", width, depth, rank, dtype, seq, heads)
+        model = apply_lora(plain, rank=rank)
+        model.name = name
+        return model
+    lora = {"lora_rank": rank} if name == "keras_lora" else {}
+    layers = []
+    for i in range(depth):
+        layers += [
+            # (b, seq, width) . (width, heads, head_dim) -> (b, seq, heads, ..)
+            keras.layers.EinsumDense(
+                EQUATION,
+                (seq, heads, width // heads),
+                bias_axes="nh",
+                name=f"layer_{i + 1}",
+                dtype=dtype,
+                **lora,
+            ),
+            # (b, seq, heads, head_dim) -> (b, seq, width)
+            keras.layers.Reshape((seq, width), name=f"reshape_{i + 1}"),
+        ]
+    return keras.Sequential([keras.Input((seq, width))] + layers, name=name)
+
+
+_BUILDERS = {"dense": _dense_stack, "einsum": _einsum_stack}
+
+
+def build_variant(
+    name, width, depth, rank, dtype, seed=0, layer="dense", seq=128, heads=8
+):
+    """Returns the compiled model of one variant (see the module doc);
+    `seq` and `heads` are the einsum stack's, `heads` dividing `width`."""
+    import keras
+
+    from keras_lora.workflow import merge_lora
+
+    keras.utils.set_random_seed(seed)
+    build = _BUILDERS[layer]
+    stack = "lora" if name == "merged" else name
+    model = build(stack, width, depth, rank, dtype, seq, heads)
     if name == "merged":
         model = merge_lora(model)
     model.compile(optimizer="adam", loss="mse")
     return model
 
 
-def _data(width, batch):
+def _build(name, args):
+    return build_variant(
+        name,
+        args.width,
+        args.depth,
+        args.rank,
+        args.dtype,
+        layer=args.layer,
+        seq=args.seq,
+        heads=args.heads,
+    )
+
+
+def _data(args):
     import keras
     import numpy as np
 
+    shape = (args.batch, args.width)
+    if args.layer == "einsum":
+        shape = (args.batch, args.seq, args.width)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch, width)).astype("float32")
-    y = rng.normal(size=(batch, width)).astype("float32")
+    x = rng.normal(size=shape).astype("float32")
+    y = rng.normal(size=shape).astype("float32")
     return keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
 
 
@@ -88,11 +159,8 @@ def measure_times(args, progress):
     """Interleaved train and inference timings; returns `{variant: dict}`."""
     from keras_lora.parameters import count_parameters
 
-    x, y = _data(args.width, args.batch)
-    models = {
-        v: build_variant(v, args.width, args.depth, args.rank, args.dtype)
-        for v in VARIANTS
-    }
+    x, y = _data(args)
+    models = {v: _build(v, args) for v in VARIANTS}
     train = {v: [] for v in TRAINED}
     infer = {v: [] for v in VARIANTS}
     for v in VARIANTS:
@@ -123,10 +191,8 @@ def memory_probe(args):
     """Run in a subprocess: one variant's peak training memory growth."""
     from keras_lora._memory import PeakMemory
 
-    model = build_variant(
-        args.memory_probe, args.width, args.depth, args.rank, args.dtype
-    )
-    x, y = _data(args.width, args.batch)
+    model = _build(args.memory_probe, args)
+    x, y = _data(args)
     with PeakMemory() as memory:
         for _ in range(args.warmup + min(args.steps, 10)):
             model.train_on_batch(x, y)
@@ -166,7 +232,11 @@ def measure_memory(args, progress):
             str(args.warmup),
             "--dtype",
             args.dtype,
+            "--layer",
+            args.layer,
         ]
+        if args.layer == "einsum":
+            cmd += ["--seq", str(args.seq), "--heads", str(args.heads)]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         done = subprocess.run(
             cmd, capture_output=True, text=True, env=env, check=False

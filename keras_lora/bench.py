@@ -1,4 +1,6 @@
-"""`keras-lora bench`: LoRADense against Dense and Keras's built-in LoRA.
+"""`keras-lora bench`: LoRADense against Dense and Keras's built-in LoRA,
+or with `--layer einsum` LoRAEinsumDense against EinsumDense and its
+built-in LoRA.
 
 This module is the command: its arguments, the six ratios the README and
 the issues quote, their targets, and the report. The variants and how each
@@ -10,8 +12,10 @@ import argparse
 import json
 import sys
 
-from keras_lora._argtypes import positive_int
+from keras_lora._argtypes import UsageError, positive_int
 from keras_lora._bench_core import (
+    EQUATION,
+    LAYERS,
     TRAINED,
     VARIANTS,
     build_variant,
@@ -21,6 +25,9 @@ from keras_lora._bench_core import (
 )
 
 __all__ = [
+    "DEFAULTS",
+    "EQUATION",
+    "LAYERS",
     "TARGETS",
     "TRAINED",
     "VARIANTS",
@@ -33,13 +40,41 @@ __all__ = [
     "ratios",
     "run",
     "run_benchmark",
+    "with_defaults",
 ]
+
+# Per layer kind, the defaults of the arguments left out; `seq` and `heads`
+# are the einsum stack's only. The einsum defaults are BERT-base's query
+# projection (hidden 768, 12 heads of 64) on 4 sequences of 128 tokens.
+DEFAULTS = {
+    "dense": {"width": 4096, "batch": 32, "seq": None, "heads": None},
+    "einsum": {"width": 768, "batch": 4, "seq": 128, "heads": 12},
+}
 
 
 def add_arguments(parser):
-    parser.add_argument("--width", type=positive_int, default=4096)
+    parser.add_argument(
+        "--layer",
+        choices=LAYERS,
+        default="dense",
+        help="the layer kind: dense, or einsum (an attention query "
+        f"projection {EQUATION!r} and a reshape; default dense)",
+    )
+    parser.add_argument(
+        "--width", type=positive_int, help="default 4096, einsum 768"
+    )
     parser.add_argument("--depth", type=positive_int, default=1)
-    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument(
+        "--batch", type=positive_int, help="default 32, einsum 4"
+    )
+    parser.add_argument(
+        "--seq", type=positive_int, help="einsum only: tokens (default 128)"
+    )
+    parser.add_argument(
+        "--heads",
+        type=positive_int,
+        help="einsum only: heads, dividing --width (default 12)",
+    )
     parser.add_argument("--rank", type=positive_int, default=8)
     parser.add_argument(
         "--steps",
@@ -71,6 +106,26 @@ def add_arguments(parser):
         "--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS
     )
     parser.set_defaults(run=run)
+
+
+def with_defaults(args):
+    """Fills the arguments left out (None) from `DEFAULTS[args.layer]`;
+    raises `UsageError` for `--seq`/`--heads` without `--layer einsum` or
+    for heads that do not divide the width."""
+    for key, value in DEFAULTS[args.layer].items():
+        if value is None and getattr(args, key) is not None:
+            raise UsageError(
+                f"--{key} applies to --layer einsum only. Received: "
+                f"--{key} {getattr(args, key)} with --layer {args.layer}"
+            )
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.layer == "einsum" and args.width % args.heads:
+        raise UsageError(
+            f"expected --heads to divide --width. Received: --heads "
+            f"{args.heads}, --width {args.width}"
+        )
+    return args
 
 
 def ratios(figures):
@@ -110,10 +165,16 @@ TARGETS = {
 def format_table(report):
     """A readable table of one `run_benchmark` report."""
     figures, cfg = report["variants"], report["config"]
+    einsum = (
+        f"layer=einsum equation={cfg['equation']} seq={cfg['seq']} "
+        f"heads={cfg['heads']} "
+        if report["layer"] == "einsum"
+        else ""
+    )
     lines = [
-        f"width={cfg['width']} depth={cfg['depth']} batch={cfg['batch']} "
-        f"rank={cfg['rank']} dtype={cfg['dtype']} steps={cfg['steps']} "
-        f"backend={cfg['backend']}",
+        f"{einsum}width={cfg['width']} depth={cfg['depth']} "
+        f"batch={cfg['batch']} rank={cfg['rank']} dtype={cfg['dtype']} "
+        f"steps={cfg['steps']} backend={cfg['backend']}",
         "",
         f"{'variant':<11} {'trainable':>11} {'train ms (p10-p90)':>22} "
         f"{'infer ms':>9} {'train mem MiB':>14}",
@@ -152,24 +213,20 @@ def run_benchmark(args, progress=lambda *a, **k: None):
     """Runs the benchmark; returns the report dict that `--json` prints."""
     import keras
 
+    args = with_defaults(args)
     figures = measure_times(args, progress)
     if not args.no_memory:
         for v, mem in measure_memory(args, progress).items():
             figures[v]["memory"] = mem
+    config = {
+        k: getattr(args, k)
+        for k in ("width", "depth", "batch", "rank", "steps", "warmup", "dtype")
+    }
+    if args.layer == "einsum":
+        config |= {"seq": args.seq, "heads": args.heads, "equation": EQUATION}
     return {
-        "config": {
-            k: getattr(args, k)
-            for k in (
-                "width",
-                "depth",
-                "batch",
-                "rank",
-                "steps",
-                "warmup",
-                "dtype",
-            )
-        }
-        | {"backend": keras.backend.backend()},
+        "layer": args.layer,
+        "config": config | {"backend": keras.backend.backend()},
         "variants": figures,
         "ratios": ratios(figures),
         "targets": TARGETS,
@@ -177,6 +234,7 @@ def run_benchmark(args, progress=lambda *a, **k: None):
 
 
 def run(args):
+    args = with_defaults(args)
     if args.memory_probe:
         return memory_probe(args)
 

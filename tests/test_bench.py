@@ -41,6 +41,25 @@ def report():
     return json.loads(out.getvalue())
 
 
+EINSUM_ARGV = ["--layer", "einsum", "--width", "16", "--heads", "4"]
+EINSUM_ARGV += ["--seq", "4", "--batch", "2", "--rank", "2"]
+
+
+@pytest.fixture(scope="module")
+def einsum_report():
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(io.StringIO()):
+        status = main(
+            ["bench", *EINSUM_ARGV, "--steps", "3", "--warmup", "1"]
+            + ["--no-memory", "--json"]
+        )
+    assert status == 0
+    return json.loads(out.getvalue())
+
+
 def test_json_has_every_ratio(report):
     assert set(report["ratios"]) == RATIO_KEYS
     for key, value in report["ratios"].items():
@@ -94,11 +113,93 @@ def test_every_ratio_is_defined_here():
     assert set(DEFINITIONS) == RATIO_KEYS
 
 
-def test_ratios_follow_from_figures(report):
+@pytest.mark.parametrize("name", ["report", "einsum_report"])
+def test_ratios_follow_from_figures(name, request):
+    report = request.getfixturevalue(name)
     figures = report["variants"]
     for key, (top, bottom) in DEFINITIONS.items():
+        if top[1] == "memory" and "memory" not in figures[top[0]]:
+            assert report["ratios"][key] is None, key  # --no-memory
+            continue
         expected = _figure(figures, *top) / _figure(figures, *bottom)
         assert report["ratios"][key] == pytest.approx(expected, rel=1e-12), key
+
+
+def test_einsum_report_says_what_it_measured(einsum_report, report):
+    assert einsum_report["layer"] == "einsum"
+    assert report["layer"] == "dense"
+    assert "seq" not in report["config"]
+    config = einsum_report["config"]
+    assert (config["width"], config["seq"], config["heads"]) == (16, 4, 4)
+    assert config["equation"] == bench.EQUATION
+    assert set(einsum_report["ratios"]) == RATIO_KEYS
+    assert set(einsum_report["variants"]) == set(bench.VARIANTS)
+    for name, figures in einsum_report["variants"].items():
+        assert figures["inference"]["n"] == 3
+        assert "memory" not in figures
+        assert ("train" in figures) == (name in bench.TRAINED)
+
+
+def test_einsum_trainable_counts(einsum_report):
+    # width 16 = heads 4 x head_dim 4, rank 2, bias (heads, head_dim) 16.
+    figures = einsum_report["variants"]
+    assert figures["dense"]["trainable_params"] == 16 * 16 + 16
+    # Keras: lora_kernel_a (16, 4, 2), lora_kernel_b (2, 4).
+    assert figures["keras_lora"]["trainable_params"] == 16 * 4 * 2 + 2 * 4 + 16
+    # Ours: lora_a (16, 2), lora_b (2, 4, 4).
+    assert figures["lora"]["trainable_params"] == 16 * 2 + 2 * 16 + 16
+    assert figures["merged"]["trainable_params"] == 16 * 16 + 16
+
+
+def test_einsum_variants_are_one_stack():
+    """Same layers and, at init, the same outputs: LoRA starts at zero."""
+    import numpy as np
+
+    from keras_lora import LoRAEinsumDense
+
+    kw = {"layer": "einsum", "seq": 3, "heads": 2}
+    models = {
+        v: bench.build_variant(v, 8, 2, 2, "float32", **kw)
+        for v in bench.VARIANTS
+    }
+    kinds = {v: [type(x).__name__ for x in m.layers] for v, m in models.items()}
+    assert kinds["merged"] == ["EinsumDense", "Reshape"] * 2
+    assert kinds["keras_lora"] == kinds["dense"] == kinds["merged"]
+    assert kinds["lora"] == [LoRAEinsumDense.__name__, "Reshape"] * 2
+    assert all(x.lora_enabled for x in models["keras_lora"].layers[::2])
+    x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype("float32")
+    expected = models["dense"].predict_on_batch(x)
+    assert expected.shape == (2, 3, 8)
+    for v in ("lora", "merged"):
+        np.testing.assert_allclose(
+            models[v].predict_on_batch(x), expected, rtol=1e-5, atol=1e-6
+        )
+
+
+def test_memory_probe_gets_the_einsum_arguments(monkeypatch):
+    import argparse
+    import subprocess
+
+    from keras_lora import _bench_core
+
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        out = '{"peak_delta_bytes": 1}'
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(_bench_core.subprocess, "run", fake_run)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = bench.with_defaults(parser.parse_args(EINSUM_ARGV))
+    _bench_core.measure_memory(args, lambda *a, **k: None)
+    assert len(commands) == len(bench.TRAINED)
+    for cmd, variant in zip(commands, bench.TRAINED):
+        assert cmd[cmd.index("--memory-probe") + 1] == variant
+        given = dict(zip(cmd[4::2], cmd[5::2]))
+        for flag, value in zip(EINSUM_ARGV[::2], EINSUM_ARGV[1::2]):
+            assert given[flag] == value, flag
 
 
 def _synthetic_figures(memory=True):
@@ -154,12 +255,15 @@ def test_bench_does_not_import_the_cli():
     assert done.stdout.strip() == "False"
 
 
-def test_table_lists_variants_and_targets(report):
+@pytest.mark.parametrize("name", ["report", "einsum_report"])
+def test_table_lists_variants_and_targets(name, request):
+    report = request.getfixturevalue(name)
     table = bench.format_table(report)
-    for name in bench.VARIANTS:
-        assert f"\n{name} " in table
+    for variant in bench.VARIANTS:
+        assert f"\n{variant} " in table
     for key in RATIO_KEYS:
         assert key in table
+    assert table.startswith("layer=einsum") == (name == "einsum_report")
 
 
 def test_merged_variant_has_no_lora():
@@ -168,8 +272,22 @@ def test_merged_variant_has_no_lora():
 
 
 @pytest.mark.parametrize(
-    "argv", [["bench", "--width", "0"], ["bench", "--dtype", "int8"]]
+    "argv, names",
+    [
+        (["--width", "0"], "width"),
+        (["--dtype", "int8"], "dtype"),
+        (["--layer", "conv"], "layer"),
+        (["--seq", "16"], "--seq 16 with --layer dense"),
+        (["--heads", "4"], "--heads 4 with --layer dense"),
+        (["--layer", "einsum", "--seq", "0"], "seq"),
+        (
+            ["--layer", "einsum", "--width", "16", "--heads", "5"],
+            "--heads 5, --width 16",
+        ),
+    ],
 )
-def test_bad_arguments(argv, capsys):
-    assert main(argv) == 2
-    assert capsys.readouterr().err.startswith("keras-lora: error:")
+def test_bad_arguments(argv, names, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keras-lora: error:")
+    assert names in err
