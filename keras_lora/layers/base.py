@@ -188,6 +188,41 @@ class LoRALayer(BaseConversion, keras.layers.Layer):
             trainable=self.train_bias,
         )
 
+    def _keep_kernel_and_bias_args(
+        self,
+        kernel_initializer,
+        bias_initializer,
+        kernel_regularizer,
+        bias_regularizer,
+        bias_constraint,
+    ):
+        """One attribute per kernel and bias argument of the base layer."""
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+
+    def _kernel_and_bias_config(self):
+        return {
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+            "bias_initializer": keras.initializers.serialize(
+                self.bias_initializer
+            ),
+            "kernel_regularizer": keras.regularizers.serialize(
+                self.kernel_regularizer
+            ),
+            "bias_regularizer": keras.regularizers.serialize(
+                self.bias_regularizer
+            ),
+            "kernel_constraint": None,
+            "bias_constraint": keras.constraints.serialize(
+                self.bias_constraint
+            ),
+        }
+
     def _lora_inputs(self, inputs, training):
         if training and self.seed_generator is not None:
             return keras.random.dropout(
@@ -198,6 +233,9 @@ class LoRALayer(BaseConversion, keras.layers.Layer):
     def get_config(self):
         return {
             **super().get_config(),
+            "activity_regularizer": keras.regularizers.serialize(
+                self.activity_regularizer
+            ),
             "rank": self.rank,
             "alpha": self.alpha,
             "dropout": self.dropout,

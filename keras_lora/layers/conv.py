@@ -33,17 +33,6 @@ def _int_tuple(name, value, n):
     return tuple(values)
 
 
-# Initializers, regularizers and constraints, serialized as Keras does.
-_OBJECT_ARGS = (
-    "kernel_initializer",
-    "bias_initializer",
-    "kernel_regularizer",
-    "bias_regularizer",
-    "activity_regularizer",
-    "bias_constraint",
-)
-
-
 class LoRAConv(LoRALayer):
     """Base of `LoRAConv1D` and `LoRAConv2D`: a frozen N-D convolution
     kernel and the factorised update `conv(x, lora_a) @ lora_b`.
@@ -111,11 +100,13 @@ class LoRAConv(LoRALayer):
         self.groups = groups
         self.activation = keras.activations.get(activation)
         self.use_bias = use_bias
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self._keep_kernel_and_bias_args(
+            kernel_initializer,
+            bias_initializer,
+            kernel_regularizer,
+            bias_regularizer,
+            bias_constraint,
+        )
         self.input_spec = keras.InputSpec(min_ndim=n + 2)
 
     @property
@@ -232,12 +223,8 @@ class LoRAConv(LoRALayer):
             "groups": self.groups,
             "activation": keras.activations.serialize(self.activation),
             "use_bias": self.use_bias,
-            "kernel_constraint": None,
+            **self._kernel_and_bias_config(),
         }
-        for name in _OBJECT_ARGS:
-            config[name] = keras.saving.serialize_keras_object(
-                getattr(self, name)
-            )
         return config
 
     @classmethod

@@ -100,11 +100,13 @@ class LoRADense(LoRALayer):
         self.units = units
         self.activation = keras.activations.get(activation)
         self.use_bias = use_bias
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self._keep_kernel_and_bias_args(
+            kernel_initializer,
+            bias_initializer,
+            kernel_regularizer,
+            bias_regularizer,
+            bias_constraint,
+        )
         self.input_spec = keras.InputSpec(min_ndim=2)
         self.supports_masking = True
 
@@ -158,22 +160,7 @@ class LoRADense(LoRALayer):
             "units": self.units,
             "activation": keras.activations.serialize(self.activation),
             "use_bias": self.use_bias,
-            "kernel_initializer": keras.initializers.serialize(
-                self.kernel_initializer
-            ),
-            "bias_initializer": keras.initializers.serialize(
-                self.bias_initializer
-            ),
-            "kernel_regularizer": keras.regularizers.serialize(
-                self.kernel_regularizer
-            ),
-            "bias_regularizer": keras.regularizers.serialize(
-                self.bias_regularizer
-            ),
-            "kernel_constraint": None,
-            "bias_constraint": keras.constraints.serialize(
-                self.bias_constraint
-            ),
+            **self._kernel_and_bias_config(),
         }
 
     @classmethod

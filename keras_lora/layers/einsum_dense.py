@@ -144,11 +144,13 @@ class LoRAEinsumDense(LoRALayer):
         )
         self.bias_axes = bias_axes
         self.activation = keras.activations.get(activation)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self._keep_kernel_and_bias_args(
+            kernel_initializer,
+            bias_initializer,
+            kernel_regularizer,
+            bias_regularizer,
+            bias_constraint,
+        )
         self._specs = (inp, ker, out, side)
         # Kernel positions of the contracted, then the output, axes.
         self._contracted = [i for i, a in enumerate(ker) if a in inp]
@@ -249,23 +251,14 @@ class LoRAEinsumDense(LoRALayer):
         return tuple(self._shapes(input_shape)[2])
 
     def get_config(self):
-        config = {
+        return {
             **super().get_config(),
             "equation": self.equation,
             "output_shape": self.partial_output_shape,
             "activation": keras.activations.serialize(self.activation),
             "bias_axes": self.bias_axes,
-            "kernel_constraint": None,
-            "bias_constraint": keras.constraints.serialize(
-                self.bias_constraint
-            ),
+            **self._kernel_and_bias_config(),
         }
-        for kind in ("initializer", "regularizer"):
-            for weight in ("kernel", "bias"):
-                key = f"{weight}_{kind}"
-                serialize = getattr(keras, f"{kind}s").serialize
-                config[key] = serialize(getattr(self, key))
-        return config
 
     def _to_matrix(self, kernel):
         # (*kernel) -> (*contracted, *outputs) -> (contracted, outputs)
