@@ -142,9 +142,10 @@ class LoRADense(LoRALayer):
         # (..., in) @ (in, units) -> (..., units); no gradient reaches W.
         outputs = frozen_matmul(inputs, kernel)
         lora_inputs = self._lora_inputs(inputs, training)
-        # (..., in) @ (in, r) -> (..., r); (..., r) @ (r, units) -> (..., units)
-        update = ops.matmul(ops.matmul(lora_inputs, self.lora_a), self.lora_b)
-        outputs = ops.add(outputs, ops.multiply(update, self.scale))
+        # (..., in) @ (in, r) -> (..., r), scaled while small
+        x_r = ops.multiply(ops.matmul(lora_inputs, self.lora_a), self.scale)
+        # (..., r) @ (r, units) -> (..., units)
+        outputs = ops.add(outputs, ops.matmul(x_r, self.lora_b))
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         if self.activation is not None:

@@ -164,6 +164,12 @@ class LoRAEinsumDense(LoRALayer):
         self._down = f"{x_in},{contracted}{r}->{x_r}{r}"
         # (*input less contracted, r) . (r, *outputs) -> (*output)
         self._up = f"{x_r}{r},{r}{outputs}->{x_out}"
+        # When the contracted axes end the input and the output axes end the
+        # output, both in kernel order (attention's query, key, value and
+        # output projections), the branch is two 2-D matmuls: TensorFlow
+        # runs the skinny batched einsum `btd,dr->btr` much slower.
+        lead = x_in[: len(x_in) - len(contracted)]
+        self._flat = x_in.endswith(contracted) and x_out == lead + outputs
 
     def _shapes(self, input_shape):
         """Returns (kernel, bias or None, full output) shapes, as Keras."""
@@ -236,11 +242,22 @@ class LoRAEinsumDense(LoRALayer):
         # (*input) . (*kernel) -> (*output); no gradient reaches W.
         outputs = ops.einsum(self.equation, inputs, kernel)
         lora_inputs = self._lora_inputs(inputs, training)
-        # (*input) . (*contracted, r) -> (*input less contracted, r)
-        x_r = ops.einsum(self._down, lora_inputs, self.lora_a)
-        # (*input less contracted, r) . (r, *outputs) -> (*output)
-        update = ops.einsum(self._up, x_r, self.lora_b)
-        outputs = ops.add(outputs, ops.multiply(update, self.scale))
+        if self._flat:
+            a = ops.reshape(self.lora_a, (-1, self.rank))
+            b = ops.reshape(self.lora_b, (self.rank, -1))
+            # (N, contracted) @ (contracted, r) -> (N, r), scaled while small
+            x_r = ops.matmul(ops.reshape(lora_inputs, (-1, a.shape[0])), a)
+            # (N, r) @ (r, outputs) -> (N, outputs) -> (*output)
+            update = ops.matmul(ops.multiply(x_r, self.scale), b)
+            update = ops.reshape(update, ops.shape(outputs))
+        else:
+            # (*input) . (*contracted, r) -> (*input less contracted, r)
+            x_r = ops.einsum(self._down, lora_inputs, self.lora_a)
+            # (*input less contracted, r) . (r, *outputs) -> (*output)
+            update = ops.einsum(
+                self._up, ops.multiply(x_r, self.scale), self.lora_b
+            )
+        outputs = ops.add(outputs, update)
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         if self.activation is not None:
