@@ -211,15 +211,16 @@ def test_jax_training_a_copy_never_destroys_its_source():
     assert "base ok" in out and "dense ok" in out and "merged ok" in out
 
 
-def test_pissa_adapters_cross_backends(tmp_path):
-    pytest.importorskip("jax")
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_pissa_adapters_cross_backends(tmp_path, backend):
+    pytest.importorskip(backend)
     sys.path.insert(0, SCRIPTS)
     try:
         from adapters_on_backend import fixed_lora_model
     finally:
         sys.path.remove(SCRIPTS)
     path = tmp_path / "pissa.lora.h5"
-    _run_script("adapters_on_backend.py", str(path), "pissa")
+    _run_script("adapters_on_backend.py", str(path), "pissa", backend=backend)
     base, expected = fixed_lora_model("pissa")
     target = apply_lora(base, rank=2, lora_init="pissa")
     load_adapters(target, path)
