@@ -21,23 +21,41 @@ is `apply_lora` of the `dense` stack (`LoRAEinsumDense`: `lora_a`
 `(width, rank)`, `lora_b` `(rank, heads, width // heads)`) and `merged` its
 `merge_lora`.
 
-Times are taken in one process, interleaved (dense, keras_lora, lora, merged,
-dense, ...) so machine drift hits every variant alike. A train step is a
-compiled `train_on_batch` (Adam, MSE); inference is a compiled
-`predict_on_batch`. Peak training memory is measured per variant in its own
-subprocess: the growth of the process's resident set (Linux VmHWM, reset by
-`/proc/self/clear_refs` once the model is built) over its size after the
-model is built, across the warm-up and up to 10 more steps. It counts gradients,
+With `layer="dense"`, `units` other than `width` makes the layers
+alternate `width -> units -> width ...` (a feed-forward block at depth 2),
+and `tokens=(batch, seq)` gives the stack rank-3 `(batch, seq, width)`
+inputs, as a transformer's projections see them.
+
+Times are taken in one process in rounds. A round times each variant once,
+interleaved (its train step, then its inference, then its end-to-end
+predict; the variants' order rotates by one each round), so machine drift
+hits every variant alike and the i-th samples of two variants are paired.
+A train step is a compiled `train_on_batch` (Adam, MSE); inference is a
+device-resident forward pass; how each backend waits for the device without
+copying the output is in `keras_lora._bench_device`. `predict_on_batch` is
+timed too, as the separate "end to end" figure. After `steps` rounds,
+`max_rounds` and `min_time` (either, or both) keep adding rounds until every
+timed ratio's interval is tight (`keras_lora._bench_stats`) or the budget is
+spent.
+
+Peak training memory is measured per variant in its own subprocess, on the
+device the model runs on (`keras_lora._memory.DevicePeakMemory`: the
+backend's allocator statistics on an accelerator, the growth of the
+process's resident set, Linux VmHWM reset once the model is built, on a
+CPU), across the warm-up and up to 10 more steps. It counts gradients,
 optimizer slots, activations and the traced step, but not the model's own
-weights.
+weights; `source` says which reading was used.
 """
 
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
+
+from keras_lora import _bench_device, _bench_stats
 
 VARIANTS = ("dense", "keras_lora", "lora", "merged")
 TRAINED = ("dense", "keras_lora", "lora")
@@ -45,24 +63,27 @@ LAYERS = ("dense", "einsum")
 EQUATION = "btd,dnh->btnh"  # (batch, seq, width) . (width, heads, head_dim)
 
 
-def _dense_stack(name, width, depth, rank, dtype, seq, heads):
+def _dense_stack(name, width, depth, rank, dtype, seq, heads, units):
     import keras
 
     from keras_lora.layers import LoRADense
 
     def layer(i):
         common = {"name": f"layer_{i + 1}", "dtype": dtype}
+        # width -> units -> width -> ...
+        out = units if i % 2 == 0 else width
         if name == "dense":
-            return keras.layers.Dense(width, **common)
+            return keras.layers.Dense(out, **common)
         if name == "keras_lora":
-            return keras.layers.Dense(width, lora_rank=rank, **common)
-        return LoRADense(width, rank=rank, **common)
+            return keras.layers.Dense(out, lora_rank=rank, **common)
+        return LoRADense(out, rank=rank, **common)
 
     layers = [layer(i) for i in range(depth)]
-    return keras.Sequential([keras.Input((width,))] + layers, name=name)
+    shape = (width,) if seq is None else (seq, width)
+    return keras.Sequential([keras.Input(shape)] + layers, name=name)
 
 
-def _einsum_stack(name, width, depth, rank, dtype, seq, heads):
+def _einsum_stack(name, width, depth, rank, dtype, seq, heads, units=None):
     import keras
 
     from keras_lora.workflow import apply_lora
@@ -95,18 +116,35 @@ _BUILDERS = {"dense": _dense_stack, "einsum": _einsum_stack}
 
 
 def build_variant(
-    name, width, depth, rank, dtype, seed=0, layer="dense", seq=128, heads=8
+    name,
+    width,
+    depth,
+    rank,
+    dtype,
+    seed=0,
+    layer="dense",
+    seq=None,
+    heads=None,
+    units=None,
 ):
     """Returns the compiled model of one variant (see the module doc);
-    `seq` and `heads` are the einsum stack's, `heads` dividing `width`."""
+    `seq` (default 128) and `heads` (default 8, dividing `width`) are the
+    einsum stack's. For
+    the dense stack, `seq` (default None: rank-2 inputs) is the sequence
+    length of rank-3 inputs and `units` (default `width`) the output width
+    of its odd layers."""
     import keras
 
     from keras_lora.workflow import merge_lora
 
     keras.utils.set_random_seed(seed)
+    if layer == "einsum":
+        seq = 128 if seq is None else seq
+        heads = 8 if heads is None else heads
     build = _BUILDERS[layer]
     stack = "lora" if name == "merged" else name
-    model = build(stack, width, depth, rank, dtype, seq, heads)
+    units = width if units is None else units
+    model = build(stack, width, depth, rank, dtype, seq, heads, units)
     if name == "merged":
         model = merge_lora(model)
     model.compile(optimizer="adam", loss="mse")
@@ -123,6 +161,7 @@ def _build(name, args):
         layer=args.layer,
         seq=args.seq,
         heads=args.heads,
+        units=args.units,
     )
 
 
@@ -130,18 +169,19 @@ def _data(args):
     import keras
     import numpy as np
 
-    shape = (args.batch, args.width)
-    if args.layer == "einsum":
-        shape = (args.batch, args.seq, args.width)
+    lead = (args.batch,) if args.seq is None else (args.batch, args.seq)
+    out = args.width
+    if args.layer == "dense" and args.depth % 2:
+        out = args.units
     rng = np.random.default_rng(0)
-    x = rng.normal(size=shape).astype("float32")
-    y = rng.normal(size=shape).astype("float32")
+    x = rng.normal(size=lead + (args.width,)).astype("float32")
+    y = rng.normal(size=lead + (out,)).astype("float32")
     return keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
 
 
-def _timed(fn):
+def _timed(fn, *args):
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -152,58 +192,112 @@ def _stats(samples):
         "p10_s": q[0],
         "p90_s": q[-1],
         "n": len(samples),
+        "samples_s": list(samples),
     }
 
 
+def _round(steps, samples, x, y, index):
+    """Times each variant once, its order rotated by `index`."""
+    k = index % len(VARIANTS)
+    for v in VARIANTS[k:] + VARIANTS[:k]:
+        if v in TRAINED:
+            samples[v, "train"].append(_timed(steps[v, "train"], x, y))
+        samples[v, "inference"].append(_timed(steps[v, "inference"], x))
+        samples[v, "end_to_end"].append(_timed(steps[v, "end_to_end"], x))
+
+
 def measure_times(args, progress):
-    """Interleaved train and inference timings; returns `{variant: dict}`."""
+    """Interleaved rounds of train, inference and end-to-end timings;
+    returns `({variant: dict}, {"rounds", "seconds", "tight"})`."""
     from keras_lora.parameters import count_parameters
 
     x, y = _data(args)
     models = {v: _build(v, args) for v in VARIANTS}
-    train = {v: [] for v in TRAINED}
-    infer = {v: [] for v in VARIANTS}
+    steps = {}
+    for v, model in models.items():
+        if v in TRAINED:
+            steps[v, "train"] = _bench_device.train_step(model)
+        steps[v, "inference"] = _bench_device.inference_step(model)
+        steps[v, "end_to_end"] = _bench_device.end_to_end_step(model)
+    samples = {key: [] for key in steps}
     for v in VARIANTS:
         progress(f"warm-up {v}")
         for _ in range(args.warmup):
-            if v in TRAINED:
-                models[v].train_on_batch(x, y)
-            models[v].predict_on_batch(x)
-    for step in range(args.steps):
-        progress(f"step {step + 1}/{args.steps}", end="\r")
-        for v in TRAINED:
-            train[v].append(_timed(lambda: models[v].train_on_batch(x, y)))
-        for v in VARIANTS:
-            infer[v].append(_timed(lambda: models[v].predict_on_batch(x)))
+            for (name, kind), step in steps.items():
+                if name == v:
+                    step(*((x, y) if kind == "train" else (x,)))
+    max_rounds = args.max_rounds or math.inf
+    budget = math.inf if args.min_time is None else args.min_time
+    if args.max_rounds is None and args.min_time is None:
+        max_rounds = args.steps
+    start, rounds, tight = time.perf_counter(), 0, False
+    while rounds < max(args.steps, 1):
+        progress(f"round {rounds + 1}/{args.steps}", end="\r")
+        _round(steps, samples, x, y, rounds)
+        rounds += 1
+    while rounds < max_rounds and time.perf_counter() - start < budget:
+        if rounds % 10 == 0:
+            tight = _bench_stats.all_tight(samples)
+            if tight:
+                break
+        progress(f"round {rounds + 1}, intervals not tight", end="\r")
+        _round(steps, samples, x, y, rounds)
+        rounds += 1
+    else:
+        tight = _bench_stats.all_tight(samples)
     progress("")
     result = {}
     for v in VARIANTS:
-        result[v] = {
-            "trainable_params": count_parameters(models[v]).trainable,
-            "inference": _stats(infer[v]),
-        }
-        if v in TRAINED:
-            result[v]["train"] = _stats(train[v])
-    return result
+        result[v] = {"trainable_params": count_parameters(models[v]).trainable}
+        for kind in ("train", "inference", "end_to_end"):
+            if (v, kind) in samples:
+                result[v][kind] = _stats(samples[v, kind])
+    sampling = {
+        "rounds": rounds,
+        "seconds": time.perf_counter() - start,
+        "tight": tight,
+    }
+    return result, sampling
 
 
 def memory_probe(args):
-    """Run in a subprocess: one variant's peak training memory growth."""
-    from keras_lora._memory import PeakMemory
+    """Run in a subprocess: one variant's peak training memory growth on
+    the device it trains on."""
+    from keras_lora._memory import DevicePeakMemory
 
     model = _build(args.memory_probe, args)
     x, y = _data(args)
-    with PeakMemory() as memory:
+    step = _bench_device.train_step(model)
+    with DevicePeakMemory() as memory:
         for _ in range(args.warmup + min(args.steps, 10)):
-            model.train_on_batch(x, y)
+            step(x, y)
     return json.dumps(
         {
-            "rss_after_build_bytes": memory.start_bytes,
+            "after_build_bytes": memory.start_bytes,
             "peak_bytes": memory.peak_bytes,
             "peak_delta_bytes": memory.delta_bytes,
+            "source": memory.source,
             "method": memory.method,
         }
     )
+
+
+def probe_command(args, variant):
+    """The command line of `variant`'s memory probe."""
+    cmd = [sys.executable, "-m", "keras_lora", "bench"]
+    cmd += ["--memory-probe", variant, "--layer", args.layer]
+    for flag in ("width", "depth", "rank", "steps", "warmup", "dtype"):
+        cmd += [f"--{flag}", str(getattr(args, flag))]
+    if args.layer == "einsum":
+        cmd += ["--batch", str(args.batch)]
+        cmd += ["--seq", str(args.seq), "--heads", str(args.heads)]
+    else:
+        cmd += ["--units", str(args.units)]
+        if args.seq is None:
+            cmd += ["--batch", str(args.batch)]
+        else:
+            cmd += ["--tokens", f"{args.batch}x{args.seq}"]
+    return cmd
 
 
 def measure_memory(args, progress):
@@ -211,35 +305,13 @@ def measure_memory(args, progress):
     out = {}
     for v in TRAINED:
         progress(f"memory {v}")
-        cmd = [
-            sys.executable,
-            "-m",
-            "keras_lora",
-            "bench",
-            "--memory-probe",
-            v,
-            "--width",
-            str(args.width),
-            "--depth",
-            str(args.depth),
-            "--batch",
-            str(args.batch),
-            "--rank",
-            str(args.rank),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--dtype",
-            args.dtype,
-            "--layer",
-            args.layer,
-        ]
-        if args.layer == "einsum":
-            cmd += ["--seq", str(args.seq), "--heads", str(args.heads)]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         done = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, check=False
+            probe_command(args, v),
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
         )
         if done.returncode != 0:
             raise RuntimeError(

@@ -5,13 +5,22 @@ built-in LoRA.
 This module is the command: its arguments, the six ratios the README and
 the issues quote, their targets, and the report. The variants and how each
 is timed and measured are in `keras_lora._bench_core`, whose docstring is
-the method.
+the method; device-resident timing and the device are in
+`keras_lora._bench_device`; the confidence intervals (a paired bootstrap
+over rounds) and the verdicts are in `keras_lora._bench_stats`; the table
+is in `keras_lora._bench_report`.
+
+Each ratio is a ratio of medians with a 95% interval. `met` is "yes" when
+the interval's upper end is at or under the target, "no" when its lower end
+is over it, "unclear" when the interval straddles it. Memory is measured
+once per variant, so its interval is the point itself.
 """
 
 import argparse
 import json
 import sys
 
+from keras_lora import _bench_device, _bench_stats
 from keras_lora._argtypes import UsageError, positive_int
 from keras_lora._bench_core import (
     EQUATION,
@@ -23,6 +32,7 @@ from keras_lora._bench_core import (
     measure_times,
     memory_probe,
 )
+from keras_lora._bench_report import format_table
 
 __all__ = [
     "DEFAULTS",
@@ -31,15 +41,18 @@ __all__ = [
     "TARGETS",
     "TRAINED",
     "VARIANTS",
+    "TOKENS_TARGETS",
     "add_arguments",
     "build_variant",
     "format_table",
+    "intervals",
     "measure_memory",
     "measure_times",
     "memory_probe",
     "ratios",
     "run",
     "run_benchmark",
+    "verdicts",
     "with_defaults",
 ]
 
@@ -50,6 +63,31 @@ DEFAULTS = {
     "dense": {"width": 4096, "batch": 32, "seq": None, "heads": None},
     "einsum": {"width": 768, "batch": 4, "seq": 128, "heads": 12},
 }
+
+
+def tokens(text):
+    """`--tokens BATCHxSEQ`, e.g. 8x128."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError("")
+        return tuple(positive_int(part) for part in parts)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected tokens BATCH x SEQ such as 8x128, received {text!r}"
+        ) from None
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of seconds, received {text!r}"
+        )
+    return value
 
 
 def add_arguments(parser):
@@ -75,12 +113,37 @@ def add_arguments(parser):
         type=positive_int,
         help="einsum only: heads, dividing --width (default 12)",
     )
+    parser.add_argument(
+        "--tokens",
+        type=tokens,
+        help="dense only: rank-3 inputs of BATCHxSEQ tokens, e.g. 8x128 "
+        "(instead of --batch)",
+    )
+    parser.add_argument(
+        "--units",
+        type=positive_int,
+        help="dense only: output width of the odd layers (width -> units "
+        "-> width ...; default --width)",
+    )
     parser.add_argument("--rank", type=positive_int, default=8)
     parser.add_argument(
         "--steps",
         type=positive_int,
         default=50,
-        help="timed steps per variant (default 50)",
+        help="timed rounds, each timing every variant once (default 50)",
+    )
+    parser.add_argument(
+        "--max-rounds",
+        type=positive_int,
+        help="keep adding rounds past --steps until every timed ratio's "
+        f"95%% interval is tight (at most {_bench_stats.TIGHT:.0%} of the "
+        "ratio wide), up to N rounds in all",
+    )
+    parser.add_argument(
+        "--min-time",
+        type=positive_float,
+        metavar="SECONDS",
+        help="as --max-rounds, up to SECONDS of timing in all",
     )
     parser.add_argument("--warmup", type=positive_int, default=5)
     parser.add_argument(
@@ -109,9 +172,14 @@ def add_arguments(parser):
 
 
 def with_defaults(args):
-    """Fills the arguments left out (None) from `DEFAULTS[args.layer]`;
-    raises `UsageError` for `--seq`/`--heads` without `--layer einsum` or
-    for heads that do not divide the width."""
+    """Fills the arguments left out (None) from `DEFAULTS[args.layer]`, and
+    for the dense stack `units` (default `width`) and `batch`, `seq` from
+    `--tokens`; raises `UsageError` for `--seq`/`--heads` without `--layer
+    einsum`, `--tokens`/`--units` with it, `--tokens` with `--batch`, or
+    heads that do not divide the width. Calling it again is a no-op."""
+    if getattr(args, "defaults_filled", False):
+        return args
+    given_batch = args.batch
     for key, value in DEFAULTS[args.layer].items():
         if value is None and getattr(args, key) is not None:
             raise UsageError(
@@ -125,31 +193,72 @@ def with_defaults(args):
             f"expected --heads to divide --width. Received: --heads "
             f"{args.heads}, --width {args.width}"
         )
+    if args.layer == "einsum":
+        for key in ("tokens", "units"):
+            if getattr(args, key) is not None:
+                raise UsageError(
+                    f"--{key} applies to --layer dense only. Received: "
+                    f"--{key} with --layer einsum"
+                )
+    if args.layer == "dense":
+        if args.units is None:
+            args.units = args.width
+        if args.tokens is not None:
+            if given_batch is not None:
+                raise UsageError(
+                    "expected --tokens or --batch, not both. Received: "
+                    f"--batch {args.batch} with --tokens "
+                    f"{args.tokens[0]}x{args.tokens[1]}"
+                )
+            args.batch, args.seq = args.tokens
+    args.defaults_filled = True
     return args
 
 
+def _figure(figures, variant, kind):
+    if kind == "memory":
+        memory = figures[variant].get("memory")
+        return None if memory is None else memory["peak_delta_bytes"]
+    return figures[variant][kind]["median_s"]
+
+
 def ratios(figures):
-    """The six ratios the README and issue quote, from raw figures."""
-
-    def med(v, kind):
-        return figures[v][kind]["median_s"]
-
-    out = {
-        "train_lora_vs_dense": med("lora", "train") / med("dense", "train"),
-        "train_lora_vs_keras_lora": med("lora", "train")
-        / med("keras_lora", "train"),
-        "train_vs_forward": med("lora", "train") / med("lora", "inference"),
-        "infer_unmerged_vs_dense": med("lora", "inference")
-        / med("dense", "inference"),
-        "infer_merged_vs_dense": med("merged", "inference")
-        / med("dense", "inference"),
-        "memory_lora_vs_dense": None,
-    }
-    if "memory" in figures["lora"]:
-        lora = figures["lora"]["memory"]["peak_delta_bytes"]
-        dense = figures["dense"]["memory"]["peak_delta_bytes"]
-        out["memory_lora_vs_dense"] = lora / dense if dense else None
+    """The six ratios the README and issue quote, each a ratio of medians
+    (or of peak memory), from raw figures; None where a figure is missing
+    or the denominator is zero."""
+    out = {}
+    for key, (top, bottom) in _bench_stats.RATIOS.items():
+        num, den = _figure(figures, *top), _figure(figures, *bottom)
+        out[key] = num / den if num is not None and den else None
     return out
+
+
+def intervals(figures):
+    """Each ratio's 95% interval `[low, high]`: a paired bootstrap over
+    rounds for timed ratios, the point itself for memory, None where the
+    ratio is None."""
+    values, out = ratios(figures), {}
+    for key, (top, bottom) in _bench_stats.RATIOS.items():
+        if values[key] is None:
+            out[key] = None
+        elif top[1] == "memory":
+            out[key] = [values[key], values[key]]
+        else:
+            out[key] = list(
+                _bench_stats.paired_interval(
+                    figures[top[0]][top[1]]["samples_s"],
+                    figures[bottom[0]][bottom[1]]["samples_s"],
+                )
+            )
+    return out
+
+
+def verdicts(cis, targets):
+    """`{ratio: "yes" | "no" | "unclear" | None}` from the intervals."""
+    return {
+        key: None if ci is None else _bench_stats.verdict(ci, targets[key])
+        for key, ci in cis.items()
+    }
 
 
 TARGETS = {
@@ -160,53 +269,12 @@ TARGETS = {
     "infer_merged_vs_dense": 1.05,
     "memory_lora_vs_dense": 0.20,
 }
-
-
-def format_table(report):
-    """A readable table of one `run_benchmark` report."""
-    figures, cfg = report["variants"], report["config"]
-    einsum = (
-        f"layer=einsum equation={cfg['equation']} seq={cfg['seq']} "
-        f"heads={cfg['heads']} "
-        if report["layer"] == "einsum"
-        else ""
-    )
-    lines = [
-        f"{einsum}width={cfg['width']} depth={cfg['depth']} "
-        f"batch={cfg['batch']} rank={cfg['rank']} dtype={cfg['dtype']} "
-        f"steps={cfg['steps']} backend={cfg['backend']}",
-        "",
-        f"{'variant':<11} {'trainable':>11} {'train ms (p10-p90)':>22} "
-        f"{'infer ms':>9} {'train mem MiB':>14}",
-    ]
-    for v in VARIANTS:
-        f = figures[v]
-        train = (
-            f"{1e3 * f['train']['median_s']:8.2f} "
-            f"({1e3 * f['train']['p10_s']:.1f}-"
-            f"{1e3 * f['train']['p90_s']:.1f})"
-            if "train" in f
-            else "-"
-        )
-        mem = (
-            f"{f['memory']['peak_delta_bytes'] / 2**20:14.1f}"
-            if "memory" in f
-            else f"{'-':>14}"
-        )
-        lines.append(
-            f"{v:<11} {f['trainable_params']:>11,} {train:>22} "
-            f"{1e3 * f['inference']['median_s']:9.2f} {mem}"
-        )
-    lines += ["", f"{'ratio':<26} {'value':>7} {'target':>7}  met"]
-    for key, value in report["ratios"].items():
-        shown = "-" if value is None else f"{value:.3f}"
-        met = (
-            "-" if value is None else ("yes" if value <= TARGETS[key] else "NO")
-        )
-        lines.append(
-            f"{key:<26} {shown:>7} {'<= ' + str(TARGETS[key]):>7}  {met}"
-        )
-    return "\n".join(lines)
+# With --tokens (transformer-shaped rank-3 inputs), issue 15's targets.
+TOKENS_TARGETS = TARGETS | {
+    "train_lora_vs_dense": 0.60,
+    "train_vs_forward": 1.35,
+    "infer_unmerged_vs_dense": 1.05,
+}
 
 
 def run_benchmark(args, progress=lambda *a, **k: None):
@@ -214,22 +282,40 @@ def run_benchmark(args, progress=lambda *a, **k: None):
     import keras
 
     args = with_defaults(args)
-    figures = measure_times(args, progress)
+    figures, sampling = measure_times(args, progress)
     if not args.no_memory:
         for v, mem in measure_memory(args, progress).items():
             figures[v]["memory"] = mem
-    config = {
-        k: getattr(args, k)
-        for k in ("width", "depth", "batch", "rank", "steps", "warmup", "dtype")
-    }
+    keys = ("width", "depth", "batch", "rank", "steps", "warmup", "dtype")
+    config = {k: getattr(args, k) for k in keys}
+    config |= {"max_rounds": args.max_rounds, "min_time": args.min_time}
     if args.layer == "einsum":
         config |= {"seq": args.seq, "heads": args.heads, "equation": EQUATION}
+    else:
+        config |= {"units": args.units, "tokens": args.tokens}
+    targets = TARGETS if args.tokens is None else TOKENS_TARGETS
+    cis = intervals(figures)
+    memory = figures["lora"].get("memory")
     return {
         "layer": args.layer,
+        "backend": keras.backend.backend(),
+        "device": _bench_device.device_name(),
+        "dtype": args.dtype,
+        "versions": _bench_device.versions(),
         "config": config | {"backend": keras.backend.backend()},
+        "statistics": {
+            "ratio": "ratio of medians over rounds",
+            "interval": "95% paired percentile bootstrap over rounds "
+            f"({_bench_stats.RESAMPLES} resamples); memory: one measurement",
+            "tight_width": _bench_stats.TIGHT,
+            **sampling,
+        },
+        "memory_source": None if memory is None else memory["source"],
         "variants": figures,
         "ratios": ratios(figures),
-        "targets": TARGETS,
+        "intervals": cis,
+        "targets": targets,
+        "met": verdicts(cis, targets),
     }
 
 

@@ -1,10 +1,14 @@
 """The benchmark command works and reports every field; never a speed test."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from keras_lora import bench
+from keras_lora import _bench_stats, bench
 from keras_lora.cli import main
 
 RATIO_KEYS = {
@@ -78,8 +82,9 @@ def test_json_has_raw_figures_per_variant(report):
             assert figures["memory"]["peak_delta_bytes"] >= 0
             assert (
                 figures["memory"]["peak_bytes"]
-                >= figures["memory"]["rss_after_build_bytes"]
+                >= figures["memory"]["after_build_bytes"]
             )
+            assert figures["memory"]["source"] == report["memory_source"]
     assert report["config"]["width"] == 64
 
 
@@ -291,3 +296,199 @@ def test_bad_arguments(argv, names, capsys):
     err = capsys.readouterr().err
     assert err.startswith("keras-lora: error:")
     assert names in err
+
+
+# --- statistics: intervals and verdicts ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "interval, target, expected",
+    [
+        ((0.10, 0.20), 0.25, "yes"),
+        ((0.10, 0.25), 0.25, "yes"),  # upper end at the target
+        ((0.30, 0.40), 0.25, "no"),
+        ((0.20, 0.30), 0.25, "unclear"),
+        ((0.25, 0.30), 0.25, "unclear"),  # lower end at the target
+        ((1.0, 1.0), 1.05, "yes"),  # a point (memory)
+        ((1.1, 1.1), 1.05, "no"),
+    ],
+)
+def test_verdict_follows_the_interval(interval, target, expected):
+    assert _bench_stats.verdict(interval, target) == expected
+
+
+def test_paired_interval_cancels_shared_load():
+    """Rounds whose load slows both sides alike: the paired interval of
+    2x the time is exactly 2, however noisy the rounds."""
+    import numpy as np
+
+    load = np.random.default_rng(1).lognormal(sigma=0.5, size=40)
+    low, high = _bench_stats.paired_interval(2 * load, load)
+    assert low == pytest.approx(2) and high == pytest.approx(2)
+
+
+def test_paired_interval_brackets_a_noisy_ratio():
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    top, bottom = rng.normal(3, 0.1, 200), rng.normal(2, 0.1, 200)
+    low, high = _bench_stats.paired_interval(top, bottom)
+    assert low < _bench_stats.median_ratio(top, bottom) < high
+    assert 1.4 < low < high < 1.6
+    assert _bench_stats.is_tight(1.5, (low, high))
+    assert not _bench_stats.is_tight(1.5, (1.0, 2.0))
+
+
+def test_paired_interval_needs_pairs():
+    with pytest.raises(ValueError, match="one sample per round"):
+        _bench_stats.paired_interval([1, 2, 3], [1, 2])
+
+
+@pytest.mark.parametrize("name", ["report", "einsum_report"])
+def test_report_carries_intervals_and_verdicts(name, request):
+    report = request.getfixturevalue(name)
+    assert report["device"] and report["backend"] == report["config"]["backend"]
+    assert report["dtype"] == "float32"
+    assert {"keras", "numpy", "keras_lora"} <= set(report["versions"])
+    assert "bootstrap" in report["statistics"]["interval"]
+    for key, value in report["ratios"].items():
+        ci = report["intervals"][key]
+        if value is None:
+            assert ci is None and report["met"][key] is None
+            continue
+        assert ci[0] <= ci[1]
+        assert report["met"][key] == _bench_stats.verdict(
+            ci, report["targets"][key]
+        )
+    for figures in report["variants"].values():
+        for kind in ("inference", "end_to_end"):
+            assert len(figures[kind]["samples_s"]) == figures[kind]["n"]
+
+
+def test_verdicts_of_known_intervals():
+    cis = {"a": [0.1, 0.2], "b": [0.3, 0.4], "c": [0.2, 0.3], "d": None}
+    targets = dict.fromkeys(cis, 0.25)
+    assert bench.verdicts(cis, targets) == {
+        "a": "yes",
+        "b": "no",
+        "c": "unclear",
+        "d": None,
+    }
+
+
+# --- every installed backend, in its own process -------------------------
+
+BACKENDS = [
+    pytest.param(
+        name,
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec(name) is None,
+            reason=f"{name} is not installed",
+        ),
+    )
+    for name in ("tensorflow", "jax", "torch")
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bench_runs_under_each_backend(backend):
+    argv = ["--width", "8", "--batch", "4", "--rank", "2", "--steps", "4"]
+    argv += ["--warmup", "1", "--no-memory", "--json"]
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_lora", "bench", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["backend"] == backend
+    assert report["device"]
+    assert report["statistics"]["rounds"] == 4
+    for key, ci in report["intervals"].items():
+        if key == "memory_lora_vs_dense":
+            assert ci is None  # --no-memory
+            continue
+        assert len(ci) == 2 and ci[0] <= ci[1]
+        assert report["met"][key] == _bench_stats.verdict(
+            ci, report["targets"][key]
+        )
+
+
+# --- transformer-shaped inputs and adaptive rounds -----------------------
+
+TOKENS_ARGV = ["--tokens", "2x3", "--width", "8", "--units", "16"]
+TOKENS_ARGV += ["--rank", "2", "--warmup", "1", "--no-memory", "--json"]
+
+
+@pytest.fixture(scope="module")
+def tokens_report():
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(io.StringIO()):
+        status = main(
+            ["bench", *TOKENS_ARGV, "--steps", "3", "--max-rounds", "13"]
+        )
+    assert status == 0
+    return json.loads(out.getvalue())
+
+
+def test_tokens_bench_has_its_targets(tokens_report):
+    config = tokens_report["config"]
+    assert config["tokens"] == [2, 3] and config["batch"] == 2
+    assert config["units"] == 16
+    assert tokens_report["targets"] == bench.TOKENS_TARGETS
+    assert bench.TOKENS_TARGETS["train_vs_forward"] == 1.35
+    # width 8 -> units 16, rank 2.
+    figures = tokens_report["variants"]
+    assert figures["dense"]["trainable_params"] == 8 * 16 + 16
+    assert figures["lora"]["trainable_params"] == 8 * 2 + 2 * 16 + 16
+    assert "tokens=2x3" in bench.format_table(tokens_report)
+
+
+def test_rounds_stop_when_tight_or_at_the_budget(tokens_report):
+    stats = tokens_report["statistics"]
+    assert 3 <= stats["rounds"] <= 13
+    if stats["rounds"] < 13:
+        assert stats["tight"]
+
+
+def test_rank3_stack_alternates_units():
+    model = bench.build_variant("lora", 8, 3, 2, "float32", seq=5, units=12)
+    assert model.input_shape == (None, 5, 8)
+    assert [layer.units for layer in model.layers] == [12, 8, 12]
+
+
+def test_memory_probe_gets_the_tokens():
+    import argparse
+
+    from keras_lora import _bench_core
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = bench.with_defaults(parser.parse_args(TOKENS_ARGV))
+    cmd = _bench_core.probe_command(args, "lora")
+    given = dict(zip(cmd[4::2], cmd[5::2]))
+    assert given["--tokens"] == "2x3" and given["--units"] == "16"
+    assert "--batch" not in given
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--tokens", "8"], "tokens"),
+        (["--tokens", "8x128", "--batch", "4"], "--batch 4 with --tokens"),
+        (["--layer", "einsum", "--tokens", "2x4"], "--tokens"),
+        (["--layer", "einsum", "--units", "8"], "--units"),
+        (["--min-time", "0"], "seconds"),
+        (["--max-rounds", "-1"], "max-rounds"),
+    ],
+)
+def test_bad_sampling_and_shape_arguments(argv, names, capsys):
+    assert main(["bench", *argv]) == 2
+    assert names in capsys.readouterr().err
