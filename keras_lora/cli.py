@@ -4,6 +4,7 @@ Subcommands:
 - `compare`: the parameter table of a Dense chain against its LoRA twin.
 - `bench`: the speed and memory benchmark (see `keras_lora.bench`).
 - `digits`: the fine-tuning experiment (see `keras_lora.digits`).
+- `transfer`: LoRA on a transformer (see `keras_lora.transfer`).
 - `rank-report`: the singular-value report of one layer (or of its update).
 """
 
@@ -149,25 +150,62 @@ def _add_digits(subparsers):
         help="adaptation epochs (default: digits.EPOCHS)",
     )
     p.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    _add_verbose(p)
     p.set_defaults(run=_run_digits)
+
+
+def _add_verbose(p):
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also Keras's progress bars (on stderr; one line per method "
+        "and seed is always there)",
+    )
 
 
 def _run_digits(args):
     import json
 
-    from keras_lora import digits
+    from keras_lora import _progress, digits
 
     given = {
         "seeds": None if args.seeds is None else tuple(range(args.seeds)),
         "ranks": args.ranks,
         "epochs": args.epochs,
     }
-    _, results = digits.run_experiment(
-        **{key: value for key, value in given.items() if value is not None}
-    )
+    with _progress.to_stderr(args.verbose):
+        _, results = digits.run_experiment(
+            **{key: value for key, value in given.items() if value is not None}
+        )
     if args.format == "json":
         return json.dumps([digits.summary(r) for r in results], indent=2)
     return digits.format_markdown(results)
+
+
+def _add_transfer(subparsers):
+    p = subparsers.add_parser(
+        "transfer",
+        help="LoRA on a small transformer, digits 0-4 -> 5-9: ours vs full, "
+        "head only and Keras's enable_lora (needs scikit-learn)",
+    )
+    # No defaults here: keras_lora.transfer holds them.
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        help="run seeds 0..N-1 (default: transfer.SEEDS)",
+    )
+    p.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    _add_verbose(p)
+    p.set_defaults(run=_run_transfer)
+
+
+def _run_transfer(args):
+    from keras_lora import _progress, transfer
+
+    seeds = transfer.SEEDS if args.seeds is None else range(args.seeds)
+    with _progress.to_stderr(args.verbose):
+        run = transfer.run_with_extraction(seeds=tuple(seeds))
+    return transfer.format_run(*run, fmt=args.format)
 
 
 def _add_rank_report(subparsers):
@@ -253,6 +291,7 @@ def build_parser():
     _add_compare(subparsers)
     _add_bench(subparsers)
     _add_digits(subparsers)
+    _add_transfer(subparsers)
     _add_rank_report(subparsers)
     return parser
 
