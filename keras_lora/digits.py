@@ -91,6 +91,9 @@ def pretrain(tasks, seed=0, epochs=PRETRAIN_EPOCHS):
 
 @dataclasses.dataclass
 class MethodResult:
+    """One method over seeds: per seed its test accuracy, seconds per
+    epoch, peak memory, history, epochs run and trained model."""
+
     method: str
     trainable_params: int
     accuracies: list
@@ -99,6 +102,7 @@ class MethodResult:
     stored_bytes: int
     histories: list
     epochs: list = dataclasses.field(default_factory=list)
+    models: list = dataclasses.field(default_factory=list)
 
     @property
     def accuracy_mean(self):
@@ -204,6 +208,7 @@ def run_method(
         stored_bytes=0 if method == "frozen" else stored_bytes(model),
         histories=[run[4] for run in runs],
         epochs=[len(run[4].get("loss", [])) for run in runs],
+        models=[run[0] for run in runs],
     )
 
 

@@ -87,13 +87,18 @@ METHODS = (
     "lora_all_r4",
     "keras_qv_r4",
 )
+# `sweep_learning_rates` on seed 0, best validation accuracy (%) at
+# 1e-3 / 3e-3 / 1e-2: frozen 85.5 / 88.3 / 92.2, full 95.0 / 96.1 / 96.6,
+# lora_qv_r1 92.2 / 93.3 / 95.0, lora_qv_r4 92.7 / 92.2 / 93.3,
+# lora_qv_r8 93.3 / 95.5 / 93.3, lora_all_r4 96.6 / 98.3 / 97.8,
+# keras_qv_r4 94.4 / 93.9 / 95.5.
 LEARNING_RATES = {
     "frozen": 1e-2,
-    "full": 1e-3,
+    "full": 1e-2,
     "lora_qv_r1": 1e-2,
     "lora_qv_r4": 1e-2,
-    "lora_qv_r8": 1e-2,
-    "lora_all_r4": 1e-2,
+    "lora_qv_r8": 3e-3,
+    "lora_all_r4": 3e-3,
     "keras_qv_r4": 1e-2,
 }
 
