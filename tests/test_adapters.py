@@ -135,6 +135,37 @@ def test_alpha_and_bias_mismatch(tmp_path):
     assert "bias is False in the file, True in the model" in text
 
 
+def test_failed_assign_midway_rolls_every_weight_back(tmp_path, monkeypatch):
+    path = tmp_path / "a.lora.h5"
+    save_adapters(_trained(_base()), path)
+    target = apply_lora(_base(), rank=2)
+    before = _snapshot(target)
+    variable_class = type(target.weights[0])
+    original_assign = variable_class.assign
+    calls = []
+
+    def assign(variable, value):
+        calls.append(variable.path)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return original_assign(variable, value)
+
+    monkeypatch.setattr(variable_class, "assign", assign)
+    with pytest.raises(RuntimeError, match="device lost"):
+        load_adapters(target, path)
+    monkeypatch.undo()
+    _assert_same(_snapshot(target), before)
+    # Two variables were written before the third failed, and the
+    # rollback wrote them back (it may write the third one too).
+    written, rolled_back = calls[:2], calls[3:]
+    assert set(written) <= set(rolled_back)
+    # The file itself was fine: with assign restored it loads.
+    load_adapters(target, path)
+    assert any(
+        not np.array_equal(_snapshot(target)[p], before[p]) for p in written
+    )
+
+
 def test_missing_file(tmp_path):
     model = apply_lora(_base(), rank=2)
     with pytest.raises(FileNotFoundError, match="nothing.h5"):

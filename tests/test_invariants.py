@@ -27,6 +27,10 @@ def _model(**layer_kwargs):
     return keras.Model(inputs, out)
 
 
+def _np(x):
+    return keras.ops.convert_to_numpy(x).astype("float64")
+
+
 def _snapshot(model):
     return {w.path: keras.ops.convert_to_numpy(w).copy() for w in model.weights}
 
@@ -70,7 +74,15 @@ def test_kernel_frozen_with_regularizers():
         lora_regularizer=keras.regularizers.L2(0.1),
         bias_regularizer="l1",
     )
-    assert len(model.losses) == 6  # kernel, lora_a, lora_b, bias per layer
+    # lora_a, lora_b and bias per layer: Keras counts the regularizers of
+    # trainable weights only, so the frozen kernel's adds nothing.
+    assert len(model.losses) == 6
+    expected = sum(
+        0.1 * (np.sum(_np(layer.lora_a) ** 2) + np.sum(_np(layer.lora_b) ** 2))
+        + 0.01 * np.sum(np.abs(_np(layer.bias)))
+        for layer in model.layers[1:]
+    )
+    assert float(sum(model.losses)) == pytest.approx(expected, rel=1e-5)
     _fit_and_check(model, keras.optimizers.AdamW(1e-2, weight_decay=0.1))
 
 

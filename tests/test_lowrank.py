@@ -1,5 +1,7 @@
 """rank_report, extract_lora, PiSSA / gaussian init and rsLoRA."""
 
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -56,11 +58,33 @@ def test_rank_report_matches_numpy_on_full_rank():
 def test_rank_report_of_layers():
     dense = keras.layers.Dense(6)
     dense.build((None, 8))
-    lora = LoRADense.from_dense(dense, rank=2)
+    lora = LoRADense.from_dense(dense, rank=2, alpha=3.0)
     assert rank_report(dense).shape == (8, 6)
     assert rank_report(lora).singular_values == pytest.approx(
         rank_report(dense).singular_values, rel=1e-5
     )
+
+
+def test_rank_report_of_a_lora_layer_reads_the_merged_kernel():
+    dense = keras.layers.Dense(6)
+    dense.build((None, 8))
+    lora = LoRADense.from_dense(dense, rank=2, alpha=3.0)
+    rng = np.random.default_rng(0)
+    lora.lora_b.assign(rng.normal(size=(2, 6)).astype("float32"))
+    w, a, b = (
+        keras.ops.convert_to_numpy(v).astype("float64")
+        for v in (lora.kernel, lora.lora_a, lora.lora_b)
+    )
+    expected = np.linalg.svd(w + lora.scale * a @ b, compute_uv=False)
+    frozen = np.linalg.svd(w, compute_uv=False)
+    # float32 rounding of the merged matrix and of the SVD moves each
+    # singular value by at most a few eps * sigma_max (Weyl); allow
+    # max(shape) of them, as `numerical_rank` does.
+    atol = max(w.shape) * np.finfo(np.float32).eps * expected[0]
+    assert np.abs(expected - frozen).max() > 1e3 * atol
+    report = rank_report(lora)
+    assert report.shape == (8, 6)
+    np.testing.assert_allclose(report.singular_values, expected, atol=atol)
 
 
 @pytest.mark.parametrize(
@@ -152,6 +176,41 @@ def test_pissa_output_at_init_equals_dense(rank):
     assert residual.singular_values[0] == pytest.approx(
         original.singular_values[k] if k < 6 else 0.0, abs=1e-5
     )
+
+
+def _no_svd(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an SVD ran")
+
+    # Wherever keras_lora holds `svd_factors` (imported by name), and Keras.
+    for name, module in list(sys.modules.items()):
+        if name.startswith("keras_lora") and hasattr(module, "svd_factors"):
+            monkeypatch.setattr(module, "svd_factors", refuse)
+    monkeypatch.setattr(keras.ops, "svd", refuse)
+
+
+def test_pissa_reload_runs_no_svd(tmp_path, monkeypatch):
+    dense = keras.layers.Dense(6, activation="relu", name="d")
+    dense.build((None, 8))
+    lora = LoRADense.from_dense(dense, rank=2, lora_init="pissa")
+    model = keras.Sequential([keras.Input((8,)), lora])
+    model.save(tmp_path / "pissa.keras")
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x))
+    _no_svd(monkeypatch)
+    loaded = keras.models.load_model(tmp_path / "pissa.keras")
+    new = loaded.get_layer("d")
+    assert new.lora_init == "pissa"
+    assert new.pissa_fingerprint == lora.pissa_fingerprint is not None
+    for old_w, new_w in zip(lora.weights, new.weights):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(new_w), keras.ops.convert_to_numpy(old_w)
+        )
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(loaded(x)), expected
+    )
+    # Built from its config alone it is a plain layer: no split either.
+    LoRADense.from_config(lora.get_config()).build((None, 8))
 
 
 def test_pissa_adapters_fingerprint_round_trip(tmp_path):

@@ -86,13 +86,35 @@ def test_registered_name():
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_model_trains_and_saves(policy, tmp_path):
     keras.mixed_precision.set_global_policy(policy)
-    model = _trained_model()
-    for w in model.weights:
-        assert keras.backend.standardize_dtype(w.dtype) == "float32"
+    compute = policy.split("_")[1]
+    model = build_lora_model(input_dim=16, units=(12, 4), rank=3, alpha=6)
+    for layer in model.layers[1:]:
+        assert layer.compute_dtype == compute
+        # The factors are float32 variables, cast to the compute dtype.
+        for w in (layer.lora_a, layer.lora_b, layer.bias, layer.kernel):
+            assert keras.backend.standardize_dtype(w.dtype) == "float32"
+    before = _values(model)
+    x, y = _data()
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)), losses
+    assert losses[-1] < losses[0], losses
+    after = _values(model)
+    assert after.keys() == before.keys()
+    for key in before:
+        assert np.all(np.isfinite(after[key])), key
+        if key.endswith("/kernel"):
+            np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+        else:
+            assert not np.array_equal(after[key], before[key]), key
+    predictions = model.predict(x, verbose=0)
+    assert np.all(np.isfinite(predictions))
     path = tmp_path / "model.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
     assert loaded.layers[1].dtype_policy.name == policy
+    for key, value in _values(loaded).items():
+        np.testing.assert_array_equal(value, after[key], err_msg=key)
     x, _ = _data(seed=3)
     np.testing.assert_array_equal(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0)

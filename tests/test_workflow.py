@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_lora import LoRADense, apply_lora, merge_lora
+from keras_lora import LoRADense, _tree, apply_lora, merge_lora
 
 
 def _values(model):
@@ -87,8 +87,28 @@ def test_apply_lora_predicts_exactly_and_freezes(build):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     trainable = {w.name for w in lora.trainable_weights}
     assert trainable == {"lora_a", "lora_b", "bias"}
-    # Non-LoRA weights (the LayerNorm's gamma, beta) are frozen.
-    assert all(isinstance(w.path, str) for w in lora.non_trainable_weights)
+    # Frozen: each LoRADense's kernel and every weight of the other layers
+    # (the LayerNorm's gamma and beta), and nothing else.
+    layers = dict(_tree.walk(lora))
+    lora_layers = {
+        p: layer for p, layer in layers.items() if isinstance(layer, LoRADense)
+    }
+    others = [
+        w
+        for layer in layers.values()
+        if not isinstance(layer, (LoRADense, keras.Model))
+        for w in layer.weights
+    ]
+    assert {id(w) for w in lora.non_trainable_weights} == {
+        id(layer.kernel) for layer in lora_layers.values()
+    } | {id(w) for w in others}
+    # Every weight has its own path, a LoRA weight "<layer path>/<name>".
+    paths = [w.path for w in lora.weights]
+    assert len(set(paths)) == len(paths), paths
+    for path, layer in lora_layers.items():
+        assert sorted(w.path for w in layer.weights) == sorted(
+            f"{path}/{name}" for name in ("kernel", "lora_a", "lora_b", "bias")
+        )
     for old, new in zip(before, _values(model)):
         np.testing.assert_array_equal(old, new)
     assert not any(isinstance(layer, LoRADense) for layer in model.layers)
@@ -234,13 +254,36 @@ def test_merged_model_loads_with_plain_keras(tmp_path):
     assert "plain-keras-ok" in result.stdout
 
 
+def _state(model):
+    # Every sublayer by path (the object itself) and every weight by path.
+    layers = {p: id(layer) for p, layer in _tree.walk(model)}
+    weights = [
+        (w.path, np.array(keras.ops.convert_to_numpy(w))) for w in model.weights
+    ]
+    return layers, weights
+
+
+def _assert_same_state(model, state):
+    layers, weights = _state(model)
+    assert layers == state[0]
+    assert [p for p, _ in weights] == [p for p, _ in state[1]]
+    for (path, new), (_, old) in zip(weights, state[1]):
+        # NaN where there was NaN counts as equal.
+        np.testing.assert_array_equal(new, old, err_msg=path)
+
+
 def test_merge_lora_refuses_nan_and_changes_nothing():
     lora = apply_lora(functional_model(), rank=2)
     lora.get_layer("out1").lora_b.assign(np.full((2, 2), np.nan, "float32"))
+    before = _state(lora)
     with pytest.raises(ValueError, match="LoRADense 'out1' cannot be merged"):
         merge_lora(lora)
+    _assert_same_state(lora, before)
+    plain = functional_model()
+    before = _state(plain)
     with pytest.raises(ValueError, match="at least one LoRA layer"):
-        merge_lora(functional_model())
+        merge_lora(plain)
+    _assert_same_state(plain, before)
 
 
 def _every_argument_dense():
