@@ -30,6 +30,13 @@ EXPECTED = {
         "same predicted classes: True",
         "reloaded adapters predict identically: True",
     ],
+    "04_lora_for_transformers.ipynb": [
+        "| full | 17,765 |",
+        "| lora_qv_r4 | 1,317 |",
+        "| keras_qv_r4 | 1,573 |",
+        "| block_0_attention/query |",
+        "matrix 32x32",
+    ],
 }
 
 
