@@ -105,6 +105,15 @@ def lora_layers(model):
 def _replace_in(container, old, new):
     """Replaces `old` by `new` inside a list, tuple or dict (one level, and
     lists held in a dict); returns (container, found)."""
+    storage = getattr(container, "_storage", None)
+    if isinstance(storage, (list, dict)):
+        # TensorFlow's trackable wrappers refuse to save a list whose element
+        # was replaced through them; replace in the list they wrap and
+        # acknowledge it, as an append would.
+        _, found = _replace_in(storage, old, new)
+        if found and hasattr(container, "_update_snapshot"):
+            container._update_snapshot()
+        return container, found
     found = False
     if isinstance(container, list):
         for i, item in enumerate(container):
