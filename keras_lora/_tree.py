@@ -194,6 +194,14 @@ def swap(parent, old, new):
     return found
 
 
+def retrack(model):
+    """Rebuilds the torch parameter lists Keras keeps per layer (torch
+    backend only), so `model.parameters()` holds the swapped-in weights."""
+    for layer in [model] + [layer for _, layer in walk(model)]:
+        if hasattr(layer, "_torch_params"):
+            layer._track_variables()
+
+
 def name_scope_of(path):
     """The nested `keras.name_scope`s of a layer path's parents, so that a
     layer built inside them gets variable paths matching where it sits."""

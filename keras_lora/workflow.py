@@ -22,9 +22,7 @@ from keras_lora.layers import LoRALayer, lora_class_for
 
 # The query and value projections of Keras's MultiHeadAttention and of
 # keras-hub's attention layers: keras-hub's `enable_lora` defaults.
-ATTENTION_QV = (
-    r"(.*/)?(query|value|query_dense|value_dense)"
-)
+ATTENTION_QV = r"(.*/)?(query|value|query_dense|value_dense)"
 LINEAR = (keras.layers.Dense, keras.layers.EinsumDense)
 
 
@@ -65,7 +63,13 @@ def _matcher(targets):
     if targets == "attention_qv":
         targets = ATTENTION_QV
     if isinstance(targets, str):
-        pattern = re.compile(targets)
+        try:
+            pattern = re.compile(targets)
+        except re.error as error:
+            raise ValueError(
+                "Expected `targets` to be a valid regular expression. "
+                f"Received: targets={targets!r} ({error})"
+            ) from None
         return lambda path, layer: bool(
             pattern.fullmatch(layer.name) or pattern.fullmatch(path)
         )
@@ -177,22 +181,37 @@ def _swap_all(model, replacements):
         for parent, old, new in reversed(done):
             _tree.swap(parent, new, old)
         raise
+    finally:
+        _tree.retrack(model)
+
+
+def _freeze_own_variables(layer):
+    """Moves `layer`'s own trainable variables to its non-trainable store,
+    in front (so the weight order, and so saving, is unchanged): unlike a
+    `trainable` flag, a later `model.trainable = True` cannot revive them."""
+    moved = list(layer._trainable_variables)
+    if not moved:
+        return
+    stored = layer._tracker.stored_ids
+    for variable in moved:
+        variable.trainable = False
+        stored["trainable_variables"].discard(id(variable))
+        stored["non_trainable_variables"].add(id(variable))
+    del layer._trainable_variables[:]
+    layer._non_trainable_variables[:0] = moved
 
 
 def _freeze_all_but_lora(model):
-    """Freezes every weight outside the LoRA layers: leaf layers by their
-    `trainable` flag, containers (custom blocks) by their own variables."""
+    """Freezes every weight outside the LoRA layers, for good: leaf layers
+    also get `trainable = False` (so BatchNormalization keeps its moving
+    statistics, as in any fine-tune)."""
     for _, layer in _tree.walk(model):
         if isinstance(layer, LoRALayer):
             continue
-        children = _tree.children(layer)
-        if not children:
+        _freeze_own_variables(layer)
+        if not _tree.children(layer):
             layer.trainable = False
-            continue
-        inner = {id(v) for child in children for v in child.weights}
-        for variable in layer.weights:
-            if id(variable) not in inner:
-                variable.trainable = False
+    _freeze_own_variables(model)
 
 
 def apply_lora(
@@ -248,6 +267,14 @@ def apply_lora(
     )
     clone = copy_model(model)
     layers = dict(_tree.walk(clone))
+    moved = sorted(set(selected) - set(layers))
+    if moved:
+        raise ValueError(
+            f"Expected a model whose config rebuilds its layers under the "
+            f"same names. Received: model='{model.name}', whose rebuilt copy"
+            f" has no layer at {moved!r} (a custom layer whose `get_config` "
+            "drops its `name`?). Pass `name` through `get_config`."
+        )
     replacements = {}
     for path, layer in selected.items():
         old = layers[path]

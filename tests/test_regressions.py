@@ -227,3 +227,82 @@ def test_pissa_adapters_cross_backends(tmp_path, backend):
     np.testing.assert_allclose(target(_x()), expected(_x()), atol=1e-5)
     rebuilt = apply_adapters(base, path)
     np.testing.assert_allclose(rebuilt(_x()), expected(_x()), atol=1e-5)
+
+
+def test_toggling_trainable_never_revives_the_base():
+    base = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(5, name="a"),
+            keras.layers.LayerNormalization(name="norm"),
+            keras.layers.Dense(3, name="b"),
+        ]
+    )
+    lora = apply_lora(base, rank=2, targets=["b"])
+    before = [w.path for w in lora.trainable_weights]
+    assert before == ["b/lora_a", "b/lora_b", "b/bias"]
+    lora.trainable = False
+    assert lora.trainable_weights == []
+    lora.trainable = True
+    assert [w.path for w in lora.trainable_weights] == before
+    # The weight order, which saving relies on, is the base's.
+    assert [w.name for w in lora.get_layer("norm").weights] == ["gamma", "beta"]
+
+
+@keras.saving.register_keras_serializable(package="keras_lora_tests")
+class ScaledDense(keras.layers.Dense):
+    def call(self, x):
+        return super().call(x) * 2.0
+
+
+def test_subclasses_that_override_call_are_not_adapted():
+    x = keras.Input((4,))
+    base = keras.Model(x, ScaledDense(3, name="sd")(keras.layers.Dense(4)(x)))
+    lora = apply_lora(base, rank=2)
+    assert "sd" not in _tree.lora_layers(lora)
+    np.testing.assert_array_equal(lora(_x(d=4)), base(_x(d=4)))
+    with pytest.raises(ValueError, match="no LoRA layer adapts a ScaledDense"):
+        apply_lora(base, targets=["sd"])
+
+
+def test_a_bad_regex_names_targets():
+    with pytest.raises(ValueError, match=r"targets='\('"):
+        apply_lora(_base(), targets="(")
+
+
+class Nameless(keras.layers.Layer):
+    """A custom layer whose config drops its name (no `get_config`)."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.inner = keras.layers.Dense(3, name="inner")
+
+    def build(self, input_shape):
+        self.inner.build(input_shape)
+
+    def call(self, x):
+        return self.inner(x)
+
+
+def test_a_layer_renamed_by_its_config_is_refused_by_name():
+    keras.saving.get_custom_objects()["Nameless"] = Nameless
+    try:
+        x = keras.Input((4,))
+        block = Nameless()
+        base = keras.Model(x, block(x))
+        path = f"{block.name}/inner"
+        apply_lora(base, rank=2, targets=[path])
+        apply_lora(base, rank=2, targets=[path])  # the copy is renamed now
+    except ValueError as error:
+        assert "rebuilds its layers under the same names" in str(error)
+        assert path in str(error)
+    else:
+        pytest.fail("expected a ValueError naming the renamed layer")
+    finally:
+        keras.saving.get_custom_objects().pop("Nameless", None)
+
+
+def test_torch_parameters_are_the_lora_model_s():
+    pytest.importorskip("torch")
+    out = _run_script("torch_parameters.py", backend="torch")
+    assert "parameters ok" in out

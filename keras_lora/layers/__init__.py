@@ -32,12 +32,17 @@ LORA_LAYERS = (
 def lora_class_for(layer):
     """Returns the LoRA class that adapts `layer`, or None.
 
-    A LoRA layer itself, and any layer no LoRA class adapts, give None.
+    A LoRA layer itself, and any layer no LoRA class adapts, give None. A
+    subclass of a base kind counts only if it keeps the base's `call`
+    (keras-hub's `ReversibleEmbedding` does); one that overrides it computes
+    something the LoRA layer would not, so it is not adaptable.
     """
     if isinstance(layer, LoRALayer):
         return None
     for cls in LORA_LAYERS:
         if isinstance(layer, cls.base_class):
+            if type(layer).call is not cls.base_class.call:
+                return None
             return cls
     return None
 

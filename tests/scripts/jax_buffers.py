@@ -16,9 +16,16 @@ def train(model):
     model.train_on_batch(x, y)
 
 
-base = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+base = keras.Sequential(
+    [
+        keras.Input((3,)),
+        keras.layers.Dense(4, name="kept"),  # not targeted: copied by value
+        keras.layers.LayerNormalization(),
+        keras.layers.Dense(2, name="head"),
+    ]
+)
 expected = base.predict(x, verbose=0)
-lora = keras_lora.apply_lora(base, rank=2)
+lora = keras_lora.apply_lora(base, rank=2, targets=["head"])
 train(lora)
 np.testing.assert_array_equal(base.predict(x, verbose=0), expected)
 print("base ok")
