@@ -216,7 +216,9 @@ def prepare(base, method, seed=0):
     model = with_new_head(base)
     if family.startswith("lora_"):
         targets = "attention_qv" if family == "lora_qv" else _not_head
-        model = apply_lora(model, rank=rank, targets=targets)
+        model = apply_lora(
+            model, rank=rank, targets=targets, keep_trainable=["head"]
+        )
     elif family == "keras_qv":
         adapted = _attention_qv(model)
         for path, layer in _tree.walk(model):

@@ -201,17 +201,43 @@ def _freeze_own_variables(layer):
     layer._non_trainable_variables[:0] = moved
 
 
-def _freeze_all_but_lora(model):
-    """Freezes every weight outside the LoRA layers, for good: leaf layers
-    also get `trainable = False` (so BatchNormalization keeps its moving
-    statistics, as in any fine-tune)."""
-    for _, layer in _tree.walk(model):
-        if isinstance(layer, LoRALayer):
+def _freeze_all_but_lora(model, keep):
+    """Freezes every weight outside the LoRA layers and the `keep` paths
+    (and what they hold), for good: leaf layers also get `trainable = False`
+    (so BatchNormalization keeps its moving statistics, as in any
+    fine-tune)."""
+    for path, layer in _tree.walk(model):
+        if isinstance(layer, LoRALayer) or any(
+            path == k or path.startswith(k + "/") for k in keep
+        ):
             continue
         _freeze_own_variables(layer)
         if not _tree.children(layer):
             layer.trainable = False
     _freeze_own_variables(model)
+
+
+def _keep_paths(model, keep_trainable):
+    if isinstance(keep_trainable, str) or not all(
+        isinstance(k, str) for k in keep_trainable
+    ):
+        raise TypeError(
+            "Expected `keep_trainable` to be a list of layer names or paths. "
+            f"Received: keep_trainable={keep_trainable!r}"
+        )
+    layers = dict(_tree.walk(model))
+    paths = [p for p, x in layers.items() if p in keep_trainable]
+    paths += [p for p, x in layers.items() if x.name in keep_trainable]
+    unknown = sorted(
+        set(keep_trainable) - set(paths) - {layers[p].name for p in paths}
+    )
+    if unknown:
+        raise ValueError(
+            f"Expected `keep_trainable` to name layers of the model. Received:"
+            f" keep_trainable={list(keep_trainable)!r}; no layer is named "
+            f"{unknown!r}."
+        )
+    return paths
 
 
 def apply_lora(
@@ -221,6 +247,7 @@ def apply_lora(
     dropout=0.0,
     targets=None,
     train_bias=True,
+    keep_trainable=(),
     **lora_kwargs,
 ):
     """Returns a copy of `model` whose targeted layers are LoRA layers.
@@ -248,6 +275,8 @@ def apply_lora(
             string matched in full against names and paths, or a callable
             `layer -> bool`.
         train_bias: Whether the LoRA layers' biases train.
+        keep_trainable: Names or paths of layers that stay fully trainable
+            (PEFT's `modules_to_save`), e.g. a new classifier head.
         **lora_kwargs: Other LoRA layer arguments, e.g. `use_rslora`.
 
     Example:
@@ -261,6 +290,7 @@ def apply_lora(
     _checks.boolean("train_bias", train_bias)
     _tree.require_model(model)
     selected = _select(model, targets)
+    keep = _keep_paths(model, keep_trainable)
     rank_of = _per_layer("rank", rank, selected, 8, _checks.positive_int)
     alpha_of = _per_layer(
         "alpha", alpha, selected, None, _checks.positive_number
@@ -289,7 +319,7 @@ def apply_lora(
             )
         replacements[path] = (old, new)
     _swap_all(clone, replacements)
-    _freeze_all_but_lora(clone)
+    _freeze_all_but_lora(clone, keep)
     return clone
 
 

@@ -306,3 +306,20 @@ def test_torch_parameters_are_the_lora_model_s():
     pytest.importorskip("torch")
     out = _run_script("torch_parameters.py", backend="torch")
     assert "parameters ok" in out
+
+
+def test_keep_trainable_leaves_named_layers_fully_trainable():
+    lora = apply_lora(
+        _base(), rank=2, targets=["hidden"], keep_trainable=["head"]
+    )
+    assert [w.path for w in lora.trainable_weights] == [
+        "hidden/lora_a",
+        "hidden/lora_b",
+        "hidden/bias",
+        "head/kernel",
+        "head/bias",
+    ]
+    with pytest.raises(ValueError, match=r"keep_trainable=\['ghost'\]"):
+        apply_lora(_base(), rank=2, keep_trainable=["ghost"])
+    with pytest.raises(TypeError, match="keep_trainable='head'"):
+        apply_lora(_base(), rank=2, keep_trainable="head")
