@@ -393,7 +393,7 @@ def test_keras_file_keeps_every_argument(tmp_path):
     # bias's with train_bias=False.
     a, b = _np(new.lora_a), _np(new.lora_b)
     expected = 0.0625 * ((a**2).sum() + (b**2).sum())
-    assert float(sum(new.losses)) == pytest.approx(expected, rel=1e-12)
+    assert float(sum(new.losses)) == pytest.approx(expected, rel=1e-6)
     # And the activity regularizer applies to the output again (Keras
     # divides it by the batch size).
     x = rng.normal(size=(2, 4))
@@ -401,7 +401,7 @@ def test_keras_file_keeps_every_argument(tmp_path):
     np.testing.assert_array_equal(y, _np(layer(x)))
     activity = (0.5 * np.abs(y).sum() + 0.75 * (y**2).sum()) / len(y)
     assert float(sum(new.losses)) == pytest.approx(
-        expected + activity, rel=1e-12
+        expected + activity, rel=1e-6
     )
 
 
