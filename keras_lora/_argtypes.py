@@ -34,7 +34,9 @@ def positive_ints(text):
         ) from None
 
 
-def shape(text):
+def pair(text, expected):
+    """Two positive integers written `AxB`; `expected` names them in the
+    error, e.g. "a shape IN x OUT such as 512x256"."""
     parts = text.lower().split("x")
     try:
         if len(parts) != 2:
@@ -42,5 +44,9 @@ def shape(text):
         return tuple(positive_int(part) for part in parts)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"expected a shape IN x OUT such as 512x256, received {text!r}"
+            f"expected {expected}, received {text!r}"
         ) from None
+
+
+def shape(text):
+    return pair(text, "a shape IN x OUT such as 512x256")

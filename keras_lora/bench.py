@@ -21,7 +21,7 @@ import json
 import sys
 
 from keras_lora import _bench_device, _bench_stats
-from keras_lora._argtypes import UsageError, positive_int
+from keras_lora._argtypes import UsageError, pair, positive_int
 from keras_lora._bench_core import (
     EQUATION,
     LAYERS,
@@ -67,15 +67,7 @@ DEFAULTS = {
 
 def tokens(text):
     """`--tokens BATCHxSEQ`, e.g. 8x128."""
-    parts = text.lower().split("x")
-    try:
-        if len(parts) != 2:
-            raise argparse.ArgumentTypeError("")
-        return tuple(positive_int(part) for part in parts)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected tokens BATCH x SEQ such as 8x128, received {text!r}"
-        ) from None
+    return pair(text, "tokens BATCH x SEQ such as 8x128")
 
 
 def positive_float(text):
