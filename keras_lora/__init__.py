@@ -35,6 +35,11 @@ from keras_lora.parameters import (
     lora_parameter_count,
     print_trainable_parameters,
 )
+from keras_lora.peft_io import (
+    load_peft_adapters,
+    read_peft_adapters,
+    save_peft_adapters,
+)
 from keras_lora.workflow import apply_lora, copy_model, merge_lora
 
 __version__ = "0.1.0"
@@ -65,10 +70,13 @@ __all__ = [
     "extract_lora",
     "kernel_fingerprint",
     "load_adapters",
+    "load_peft_adapters",
     "lora_parameter_count",
     "merge_lora",
     "print_trainable_parameters",
     "rank_report",
     "read_adapters",
+    "read_peft_adapters",
     "save_adapters",
+    "save_peft_adapters",
 ]
