@@ -35,7 +35,9 @@ import numpy as np
 from keras import ops
 
 from keras_lora import _checks
+from keras_lora.layers import dora
 from keras_lora.layers.conversion import LORA_KEYS, BaseConversion  # noqa: F401
+from keras_lora.layers.quantized import QuantizedBase
 from keras_lora.linalg import svd_factors
 
 LORA_INITS = ("default", "gaussian", "pissa")
@@ -54,7 +56,7 @@ class RankWarning(UserWarning):
     (and, with PiSSA, factor columns that stay zero)."""
 
 
-class LoRALayer(BaseConversion, keras.layers.Layer):
+class LoRALayer(BaseConversion, QuantizedBase, keras.layers.Layer):
     """Base of every keras_lora layer: a frozen weight plus `scale * A @ B`.
 
     Args:
@@ -76,6 +78,15 @@ class LoRALayer(BaseConversion, keras.layers.Layer):
         pissa_fingerprint: Set by `pissa_split()`: the fingerprint of the
             weight it split, which adapter files record as the base. Leave
             it None.
+        base_dtype: Storage of the frozen weight: None (the layer's
+            variable dtype), "float32", "bfloat16", "float16", "int8"
+            (per-output abs-max) or "nf4" (QLoRA's 4-bit NormalFloat,
+            blocks of 64); see `quantized.py` and `keras_lora.quant`.
+        double_quant: Boolean, NF4 only: store the block scales in 8 bits.
+        use_dora: Boolean; DoRA (Liu et al., 2024, arXiv:2402.09353): a
+            trainable magnitude `lora_magnitude` per output unit rescales
+            each output column of `W + scale * A @ B` (see `dora.py`).
+            Only kinds with a kernel support it.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Reference:
@@ -85,6 +96,7 @@ class LoRALayer(BaseConversion, keras.layers.Layer):
     base_class = None
     frozen_name = "kernel"
     default_lora_a_initializer = "he_uniform"
+    supports_dora = False
 
     def __init__(
         self,
@@ -98,6 +110,9 @@ class LoRALayer(BaseConversion, keras.layers.Layer):
         use_rslora=False,
         lora_init="default",
         pissa_fingerprint=None,
+        base_dtype=None,
+        double_quant=False,
+        use_dora=False,
         **kwargs,
     ):
         _checks.positive_int("rank", rank)
@@ -107,6 +122,9 @@ class LoRALayer(BaseConversion, keras.layers.Layer):
         _checks.boolean("train_bias", train_bias)
         _checks.boolean("use_rslora", use_rslora)
         _checks.one_of("lora_init", lora_init, LORA_INITS)
+        self._check_storage(base_dtype, double_quant)
+        _checks.boolean("use_dora", use_dora)
+        dora.check_supported(type(self), use_dora)
         if lora_init == "gaussian" and lora_a_initializer is not None:
             raise ValueError(
                 "Expected `lora_a_initializer` to be unset with "
@@ -129,13 +147,21 @@ class LoRALayer(BaseConversion, keras.layers.Layer):
         self.use_rslora = use_rslora
         self.lora_init = lora_init
         self.pissa_fingerprint = pissa_fingerprint
+        self.base_dtype = base_dtype
+        self.double_quant = double_quant
+        self._frozen_shape = None  # set for an integer base
+        self.use_dora = use_dora
+        self.lora_magnitude = None
         self.seed_generator = (
             keras.random.SeedGenerator() if self.dropout > 0 else None
         )
 
     @property
     def scale(self):
-        """The factor applied to `lora_a @ lora_b`."""
+        """The factor applied to `lora_a @ lora_b` (1 with named adapters,
+        whose per-rank scales `_lora_b()` applies)."""
+        if getattr(self, "adapter_scales", None) is not None:
+            return 1.0
         if self.use_rslora:
             return self.alpha / math.sqrt(self.rank)
         return self.alpha / self.rank
@@ -166,6 +192,8 @@ class LoRALayer(BaseConversion, keras.layers.Layer):
             initializer=b_init,
             regularizer=self.lora_regularizer,
         )
+        if self.use_dora:
+            dora.add_magnitude(self, b_shape)
 
     def _warn_if_rank_too_large(self, fan_in, fan_out):
         if self.rank > min(fan_in, fan_out):
@@ -254,6 +282,9 @@ class LoRALayer(BaseConversion, keras.layers.Layer):
             "use_rslora": self.use_rslora,
             "lora_init": self.lora_init,
             "pissa_fingerprint": self.pissa_fingerprint,
+            "base_dtype": self.base_dtype,
+            "double_quant": self.double_quant,
+            "use_dora": self.use_dora,
         }
 
     # The linear-map view: every kind's frozen weight is a matrix
@@ -270,26 +301,41 @@ class LoRALayer(BaseConversion, keras.layers.Layer):
         return ops.reshape(kernel, (fan_in, -1))
 
     def _from_matrix(self, matrix):
-        return ops.reshape(matrix, self.frozen_weight.shape)
+        return ops.reshape(matrix, self.frozen_shape)
 
     def kernel_matrix(self):
         """The frozen weight as an (in_features, out_features) matrix."""
         self._require_built("kernel_matrix")
-        return self._to_matrix(ops.convert_to_tensor(self.frozen_weight))
+        return self._to_matrix(self.dequantized_frozen_weight())
 
     def delta_matrix(self):
         """`scale * A @ B` as an (in_features, out_features) matrix."""
         self._require_built("delta_matrix")
         # (in, r) @ (r, out) -> (in, out)
         a = ops.reshape(self.lora_a, (-1, self.rank))
-        b = ops.reshape(self.lora_b, (self.rank, -1))
+        b = ops.reshape(self._lora_b(), (self.rank, -1))
         return ops.multiply(ops.matmul(a, b), self.scale)
+
+    def _lora_b(self):
+        """`lora_b` as the call uses it: with named adapters
+        (`keras_lora.named_adapters`), each rank's row times its scale."""
+        scales = getattr(self, "adapter_scales", None)
+        if scales is None:
+            return self.lora_b
+        # (r, *out) * (r, 1, ..., 1)
+        shape = (-1,) + (1,) * (len(self.lora_b.shape) - 1)
+        return ops.multiply(self.lora_b, ops.reshape(scales, shape))
 
     def merged_kernel(self):
         """Returns the frozen weight plus the update, in the weight's shape."""
         self._require_built("merged_kernel")
+        if self.use_dora:
+            merged = self._from_matrix(dora.merged_matrix(self))
+            return ops.cast(merged, self.kernel_matrix().dtype)
         delta = self._from_matrix(self.delta_matrix())
         weight = self.frozen_weight
+        if self.base_dtype is not None:  # merged in float32
+            weight = self.dequantized_frozen_weight()
         return ops.add(weight, ops.cast(delta, weight.dtype))
 
     def pissa_split(self):
@@ -302,6 +348,7 @@ class LoRALayer(BaseConversion, keras.layers.Layer):
         whether or not the layer has trained.
         """
         self._require_built("pissa_split")
+        self._refuse_split_of_int_base()
         merged_kernel = self.merged_kernel()
         merged = self._to_matrix(merged_kernel)
         a, b = svd_factors(merged, self.rank, self.scale)
@@ -319,10 +366,14 @@ class LoRALayer(BaseConversion, keras.layers.Layer):
         weight before the PiSSA split if there was one, else the weight."""
         if self.pissa_fingerprint is not None:
             return self.pissa_fingerprint
+        if self.base_dtype not in (None, "float32"):
+            return self.stored_fingerprint()
         return weight_fingerprint(self.frozen_weight)
 
     def _require_built(self, method):
-        if not self.built:
+        # During `build`, once the factors exist (DoRA's magnitude reads
+        # the weights as it is created), the weights are there to use.
+        if not self.built and getattr(self, "lora_b", None) is None:
             raise ValueError(
                 f"{type(self).__name__} '{self.name}' is not built, so "
                 f"`{method}()` has no weights to use. Call the layer on an "

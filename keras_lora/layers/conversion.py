@@ -9,6 +9,8 @@ the base layer is lost either way, and no buffer is shared.
 import numpy as np
 from keras import ops
 
+from keras_lora.layers import dora
+
 LORA_KEYS = (
     "rank",
     "alpha",
@@ -20,6 +22,9 @@ LORA_KEYS = (
     "use_rslora",
     "lora_init",
     "pissa_fingerprint",
+    "base_dtype",
+    "double_quant",
+    "use_dora",
 )
 # Base-layer config keys of Keras's own LoRA and quantization, which
 # `check_base` has already refused when set.
@@ -44,7 +49,8 @@ class BaseConversion:
                 "it uses Keras's built-in LoRA (lora_rank="
                 f"{layer.lora_rank}); build it without `lora_rank`"
             )
-        if getattr(layer, "quantization_mode", None) is not None:
+        mode = getattr(layer, "quantization_mode", None)
+        if mode is not None and not (mode == "int8" and cls.keeps_keras_int8):
             return (
                 "it is quantized (quantization_mode="
                 f"{layer.quantization_mode!r}); expected a float layer"
@@ -76,7 +82,11 @@ class BaseConversion:
                 f"Keras's LoRA. Received: layer='{getattr(layer, 'name', '')}'"
                 f" ({type(layer).__name__}): {reason}."
             )
+        base_dtype = lora_kwargs.pop("base_dtype", None)
+        double_quant = lora_kwargs.pop("double_quant", False)
+        stored = cls._storage_for_base(layer, base_dtype, double_quant)
         config = {**cls._config_from_base(layer), **lora_kwargs}
+        config["base_dtype"] = stored
         new = cls(rank=rank, alpha=alpha, dropout=dropout, **config)
         new.build_from_config(layer.get_build_config())
         by_name = {v.name: v for v in new.weights}
@@ -87,6 +97,10 @@ class BaseConversion:
                 )
         if new.lora_init == "pissa":
             new.pissa_split()
+        if base_dtype not in (None, stored):  # after a split: QPiSSA
+            new.quantize_base(base_dtype, double_quant=double_quant)
+        if new.use_dora:  # m from the copied kernel, not the initializer's
+            dora.reset_magnitude(new)
         return new
 
     @classmethod
@@ -94,6 +108,9 @@ class BaseConversion:
         config = layer.get_config()
         for key in _REFUSED + ("trainable",):
             config.pop(key, None)
+        dtype = config.get("dtype")
+        if isinstance(dtype, dict) and "source_name" in dtype["config"]:
+            config["dtype"] = dtype["config"]["source_name"]  # Keras int8
         if layer.activity_regularizer is not None:
             config["activity_regularizer"] = layer.activity_regularizer
         return config

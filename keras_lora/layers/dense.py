@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_lora import _checks
+from keras_lora.layers import dora
 from keras_lora.layers.base import LoRALayer
 from keras_lora.linalg import frozen_matmul
 
@@ -40,8 +41,8 @@ class LoRADense(LoRALayer):
     Args:
         units: Positive integer, dimensionality of the output space.
         rank, alpha, dropout, lora_a_initializer, lora_b_initializer,
-            lora_regularizer, train_bias, use_rslora, lora_init: The LoRA
-            arguments, as in `LoRALayer`.
+            lora_regularizer, train_bias, use_rslora, lora_init, use_dora:
+            The LoRA arguments, as in `LoRALayer`.
         activation: Activation function to use. Defaults to none.
         use_bias: Boolean, whether the layer uses a bias vector.
         kernel_initializer: Initializer for the frozen kernel.
@@ -76,6 +77,8 @@ class LoRADense(LoRALayer):
     """
 
     base_class = keras.layers.Dense
+    keeps_keras_int8 = True
+    supports_dora = True
 
     def __init__(
         self,
@@ -117,12 +120,10 @@ class LoRADense(LoRALayer):
                 f"LoRADense '{self.name}' needs a known last input dimension. "
                 f"Received: input_shape={tuple(input_shape)}"
             )
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(input_dim, self.units),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            trainable=False,
+        self.kernel = self._add_frozen(
+            (input_dim, self.units),
+            self.kernel_initializer,
+            self.kernel_regularizer,
         )
         self._add_lora_weights((input_dim,), (self.units,))
         self.bias = None
@@ -138,14 +139,16 @@ class LoRADense(LoRALayer):
     def call(self, inputs, training=None):
         if not keras.backend.is_float_dtype(inputs.dtype):
             inputs = ops.cast(inputs, self.compute_dtype)
-        kernel = ops.cast(self.kernel, self.compute_dtype)
+        kernel = self._frozen_for_call()
         # (..., in) @ (in, units) -> (..., units); no gradient reaches W.
         outputs = frozen_matmul(inputs, kernel)
         lora_inputs = self._lora_inputs(inputs, training)
         # (..., in) @ (in, r) -> (..., r), scaled while small
         x_r = ops.multiply(ops.matmul(lora_inputs, self.lora_a), self.scale)
         # (..., r) @ (r, units) -> (..., units)
-        outputs = ops.add(outputs, ops.matmul(x_r, self.lora_b))
+        outputs = ops.add(outputs, ops.matmul(x_r, self._lora_b()))
+        if self.use_dora:  # (..., units) * m / ||W + scale * A @ B||_c
+            outputs = dora.rescale(self, outputs)
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         if self.activation is not None:

@@ -1,0 +1,127 @@
+"""DoRA: a weight-decomposed LoRA update, for every layer kind with a kernel.
+
+DoRA writes the adapted weight as a magnitude times a direction. In the
+linear-map view every kind shares (`kernel_matrix()` is `W`, in x out, and
+`delta_matrix()` is `scale * A @ B`), the layer computes with
+
+    W' = m * (W + scale * A @ B) / ||W + scale * A @ B||_c
+
+where `||.||_c` is the norm of each output column (over the input axis)
+and `m` (`lora_magnitude`, one trainable value per output unit) starts at
+the column norms of `W + scale * A @ B`, so a fresh layer computes exactly
+what its base computes. The call keeps LoRA's factorised order and
+rescales the pre-bias output per output unit:
+
+    y = (x @ W + scale * (x @ A) @ B) * m / ||W + scale * A @ B||_c + bias
+
+with the norm treated as a constant in the backward pass (the paper's
+section 4.3, and PEFT), so gradients reach `m`, `A` and `B` but the norm
+costs no backward pass of its own. `merged_kernel` folds it in exactly.
+
+Sources:
+- Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", 2024,
+  arXiv:2402.09353 (eq. 5 and section 4.3).
+- Hugging Face PEFT `src/peft/tuners/lora/dora.py` (`DoraLinearLayer`:
+  magnitude initialised to `||W + scale * B A||`, the norm detached).
+"""
+
+from keras import ops
+
+MAGNITUDE = "lora_magnitude"
+
+
+def check_supported(cls, use_dora):
+    """Raises if `use_dora` is set on a kind without a kernel."""
+    if use_dora and not cls.supports_dora:
+        raise ValueError(
+            f"{cls.__name__} does not support DoRA: its frozen weight is a "
+            "lookup table, not a kernel with output columns to normalise. "
+            "Expected use_dora=False for this layer kind (DoRA works on "
+            "LoRADense, LoRAEinsumDense, LoRAConv1D and LoRAConv2D). "
+            f"Received: use_dora={use_dora!r}"
+        )
+
+
+def column_norms(layer):
+    """`||W + scale * A @ B||_c`: one float32 norm per output column of the
+    (in, out) matrix view, shape `(out_features,)`."""
+    matrix = ops.add(
+        ops.cast(layer.kernel_matrix(), "float32"),
+        ops.cast(layer.delta_matrix(), "float32"),
+    )
+    # (in, out) -> (out,)
+    return ops.sqrt(ops.sum(ops.square(matrix), axis=0))
+
+
+def _factor(layer, norms):
+    """`m / ||W + scale * A @ B||_c`, flat `(out_features,)`; a zero
+    column divides by 1 (its output is zero whatever the factor)."""
+    safe = ops.where(ops.greater(norms, 0), norms, ops.ones_like(norms))
+    magnitude = ops.cast(ops.reshape(layer.lora_magnitude, (-1,)), "float32")
+    return ops.divide(magnitude, safe)
+
+
+def add_magnitude(layer, units_shape):
+    """Creates `lora_magnitude` of `units_shape` (the kernel's output axes),
+    initialised to the column norms of the layer's weights as they stand,
+    so it needs the kernel and both factors built first."""
+
+    def initializer(shape, dtype=None):
+        norms = ops.reshape(column_norms(layer), shape)
+        return ops.cast(norms, dtype or "float32")
+
+    layer.lora_magnitude = layer.add_weight(
+        name=MAGNITUDE, shape=tuple(units_shape), initializer=initializer
+    )
+
+
+def reset_magnitude(layer):
+    """Sets `lora_magnitude` to the current column norms, so the layer
+    computes `x @ (W + scale * A @ B)` again (used after weights are copied
+    in by `from_base`)."""
+    norms = ops.reshape(column_norms(layer), layer.lora_magnitude.shape)
+    layer.lora_magnitude.assign(ops.cast(norms, layer.lora_magnitude.dtype))
+
+
+def rescale(layer, outputs, perm=None, shape=None):
+    """Multiplies the pre-bias `outputs` by `m / ||W + scale * A @ B||_c`.
+
+    The factor has the kernel's output axes, in kernel order; `perm`
+    reorders them as the output does and `shape` places them among the
+    output's axes (with ones elsewhere); by default they are the trailing
+    axes of `outputs`.
+    """
+    norms = ops.stop_gradient(column_norms(layer))
+    factor = ops.reshape(_factor(layer, norms), layer.lora_magnitude.shape)
+    if perm is not None:
+        factor = ops.transpose(factor, perm)
+    if shape is not None:
+        factor = ops.reshape(factor, shape)
+    return ops.multiply(outputs, ops.cast(factor, outputs.dtype))
+
+
+def merged_matrix(layer):
+    """`m * (W + scale * A @ B) / ||W + scale * A @ B||_c` as an (in, out)
+    float32 matrix: the one weight that computes what the layer does."""
+    matrix = ops.add(
+        ops.cast(layer.kernel_matrix(), "float32"),
+        ops.cast(layer.delta_matrix(), "float32"),
+    )
+    norms = ops.sqrt(ops.sum(ops.square(matrix), axis=0))
+    # (in, out) * (1, out) -> (in, out)
+    return ops.multiply(matrix, ops.expand_dims(_factor(layer, norms), 0))
+
+
+def einsum_layout(output_letters, kernel_output_letters, dims, side, ndim):
+    """`(perm, shape)` for `rescale` in an EinsumDense whose output has
+    `output_letters` (plus `ndim - len(output_letters)` ellipsis axes on
+    `side`) and whose kernel has `kernel_output_letters` of sizes `dims`."""
+    order = sorted(
+        range(len(kernel_output_letters)),
+        key=lambda i: output_letters.index(kernel_output_letters[i]),
+    )
+    size = dict(zip(kernel_output_letters, dims))
+    shape = [size.get(letter, 1) for letter in output_letters]
+    if side == "right":
+        shape += [1] * (ndim - len(output_letters))
+    return order, shape

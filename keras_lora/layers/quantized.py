@@ -1,0 +1,307 @@
+"""`QuantizedBase`: how a LoRA layer stores its frozen weight.
+
+`base_dtype=None` keeps the weight in the layer's variable dtype, as
+always. `"float32"`, `"bfloat16"` and `"float16"` store it in that dtype.
+`"int8"` and `"nf4"` store codes under the weight's own name (`kernel`,
+`embeddings`) plus `<name>_scale` (and, with double quantisation,
+`<name>_scale_scale` and `<name>_scale_offset`), all non-trainable, laid out
+as the layer's `(in, out)` matrix view with the scales along the input axis
+(an embedding table: along each row, so a call gathers rows). Each call
+dequantises into the compute dtype, with no gradient; no float copy of the
+weight is kept between calls. See `keras_lora.quant` for the formats.
+"""
+
+import hashlib
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora import quant
+
+_SUFFIXES = ("_scale", "_scale_scale", "_scale_offset")
+
+
+class QuantizedBase:
+    """Mixin giving every LoRA layer a choice of storage for its base."""
+
+    # Kinds whose call reads the weight through `_frozen_for_call` or
+    # `_frozen_rows`; others refuse the integer modes by name.
+    supports_int_base = True
+    # The matrix axis the scales run along: 0 (input axis) or 1 (rows).
+    quant_axis = 0
+    # Whether `from_base` keeps a Keras int8 layer's codes and scales
+    # (same names, shapes and `code / scale` convention as ours).
+    keeps_keras_int8 = False
+
+    @classmethod
+    def _storage_for_base(cls, layer, base_dtype, double_quant):
+        """Checks `from_base`'s storage arguments; returns the storage to
+        build with: "int8" for a Keras int8 layer (kept as is), else None
+        (a float build, quantised after the copy)."""
+        cls._check_storage(base_dtype, double_quant)
+        if getattr(layer, "quantization_mode", None) is None:
+            return None
+        if base_dtype not in (None, "int8"):
+            raise ValueError(
+                f"Layer '{layer.name}' is already quantised by Keras as "
+                "int8; expected base_dtype=None or 'int8', which keep its "
+                f"codes and scales. Received: base_dtype={base_dtype!r}"
+            )
+        return "int8"
+
+    def _frozen_var_name(self, suffix=""):
+        return self.frozen_name + suffix
+
+    @property
+    def frozen_shape(self):
+        """The frozen weight's float shape, whatever its storage."""
+        if self._frozen_shape is not None:
+            return self._frozen_shape
+        return tuple(self.frozen_weight.shape)
+
+    @classmethod
+    def _check_storage(cls, base_dtype, double_quant):
+        quant.check_base_dtype(base_dtype, double_quant)
+        if base_dtype in quant.INT_MODES and not cls.supports_int_base:
+            raise ValueError(
+                f"{cls.__name__} does not support an integer base. "
+                f"Received: base_dtype={base_dtype!r}; expected None or one "
+                f"of {quant.FLOAT_MODES}."
+            )
+
+    def _add_frozen(self, shape, initializer, regularizer):
+        """Creates the frozen weight's storage; returns its main variable."""
+        shape = tuple(shape)
+        mode = self.base_dtype
+        if mode not in quant.INT_MODES:
+            return self.add_weight(
+                name=self.frozen_name,
+                shape=shape,
+                initializer=initializer,
+                regularizer=regularizer,
+                trainable=False,
+                dtype=mode,
+            )
+        self._refuse_regularizer(regularizer, mode)
+        self._frozen_shape = shape
+        value = keras.initializers.get(initializer)(shape, "float32")
+        stored = quant.quantize(
+            self._numpy_matrix(value, shape),
+            mode,
+            self.quant_axis,
+            self.double_quant,
+        )
+        return self._add_storage(stored)
+
+    def _refuse_regularizer(self, regularizer, mode):
+        if regularizer is not None:
+            raise ValueError(
+                f"Expected no regularizer on the frozen weight of "
+                f"'{self.name}' with base_dtype={mode!r}: it would only add "
+                f"a constant. Received: regularizer={regularizer!r}"
+            )
+
+    def _matrix_axes(self, ndim):
+        """(permutation, number of input axes) taking the weight to its
+        `(*inputs, *outputs)` layout; the last axis is the output here."""
+        return list(range(ndim)), ndim - 1
+
+    def _numpy_matrix(self, value, shape):
+        """The float weight `value` (of `shape`) as the (in, out) matrix."""
+        value = np.asarray(ops.convert_to_numpy(value), "float32")
+        perm, n_in = self._matrix_axes(len(shape))
+        fan_in = math.prod(shape[i] for i in perm[:n_in])
+        return np.transpose(value, perm).reshape(fan_in, -1)
+
+    def _add_storage(self, stored):
+        variables = {}
+        for key, array in stored.items():
+            suffix = "" if key == "codes" else "_" + key
+            variables[key] = self.add_weight(
+                name=self._frozen_var_name(suffix),
+                shape=array.shape,
+                initializer="zeros",
+                dtype=str(array.dtype),
+                trainable=False,
+            )
+            variables[key].assign(array)
+        for key in ("scale", "scale_scale", "scale_offset"):
+            setattr(self, self._frozen_var_name("_" + key), variables.get(key))
+        return variables["codes"]
+
+    def _stored(self, suffix):
+        return getattr(self, self._frozen_var_name(suffix), None)
+
+    def _dequantized_matrix(self):
+        scale = quant.dequantize_scale(
+            self._stored("_scale"),
+            self._stored("_scale_scale"),
+            self._stored("_scale_offset"),
+        )
+        fan_in = self._matrix_shape()[self.quant_axis]
+        codes = ops.convert_to_tensor(self.frozen_weight)
+        if self.quant_axis == 0:
+            return quant.dequantize(self.base_dtype, codes, scale, fan_in)
+        return quant.dequantize(self.base_dtype, codes, scale, fan_in, -1)
+
+    def _matrix_shape(self):
+        shape = self.frozen_shape
+        fan_in = math.prod(self.lora_a.shape[:-1])
+        return (fan_in, math.prod(shape) // fan_in)
+
+    def dequantized_frozen_weight(self):
+        """The frozen weight in its float shape: the variable itself for
+        `base_dtype=None`, else a float32 tensor (dequantised)."""
+        if self.base_dtype is None:
+            return ops.convert_to_tensor(self.frozen_weight)
+        if self.base_dtype in quant.FLOAT_MODES:
+            return ops.cast(self.frozen_weight, "float32")
+        return self._from_matrix(self._dequantized_matrix())
+
+    def _frozen_for_call(self):
+        """The frozen weight in the compute dtype, for a call."""
+        if self.base_dtype not in quant.INT_MODES:
+            return ops.cast(self.frozen_weight, self.compute_dtype)
+        weight = self.dequantized_frozen_weight()
+        return ops.stop_gradient(ops.cast(weight, self.compute_dtype))
+
+    def _frozen_rows(self, ids):
+        """`take(frozen table, ids)` for an embedding, row by row."""
+        table = self.frozen_weight
+        if self.base_dtype not in quant.INT_MODES:
+            return ops.take(table, ids, axis=0)
+        codes = ops.take(table, ids, axis=0)
+        scale = quant.dequantize_scale(
+            self._stored("_scale"),
+            self._stored("_scale_scale"),
+            self._stored("_scale_offset"),
+        )
+        scale = ops.take(scale, ids, axis=0)
+        rows = quant.dequantize(
+            self.base_dtype, codes, scale, self.frozen_shape[1], -1
+        )
+        return ops.stop_gradient(rows)
+
+    def stored_fingerprint(self):
+        """SHA-256 of the stored base: mode, and every storage variable's
+        name, dtype, shape and bytes."""
+        digest = hashlib.sha256(repr(self.base_dtype).encode())
+        for variable in self._storage_variables():
+            array = np.ascontiguousarray(ops.convert_to_numpy(variable))
+            digest.update(repr((variable.name, str(array.dtype))).encode())
+            digest.update(repr(array.shape).encode())
+            digest.update(array.tobytes())
+        return "sha256:" + digest.hexdigest()
+
+    def _storage_variables(self):
+        names = [self._frozen_var_name(s) for s in ("",) + _SUFFIXES]
+        return [v for v in self.weights if v.name in names]
+
+    def quantize_base(self, mode, double_quant=False):
+        """Stores this built layer's float frozen weight as `mode` (one of
+        `"float32"`, `"bfloat16"`, `"float16"`, `"int8"`, `"nf4"`), once.
+
+        The factors and bias are kept. Raises `ValueError`, changing
+        nothing, if the layer is not built, is already stored in a low
+        precision, `mode` is unknown, or the weight holds NaN or inf.
+        Recompile a model after calling this on one of its layers.
+        """
+        self._require_built("quantize_base")
+        self._check_storage(mode, double_quant)
+        if mode is None:
+            raise ValueError(
+                "Expected a storage mode, one of "
+                f"{quant.BASE_DTYPES[1:]}. Received: mode=None"
+            )
+        if self.base_dtype is not None:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' already stores its "
+                f"base as base_dtype={self.base_dtype!r}; quantize_base runs"
+                f" once. Received: mode={mode!r}"
+            )
+        if mode in quant.INT_MODES:
+            self._refuse_regularizer(self._frozen_regularizer(), mode)
+        old = self.frozen_weight
+        value = np.asarray(ops.convert_to_numpy(old), "float32")
+        quant.check_finite(value, f"the frozen weight of '{self.name}'")
+        shape = tuple(old.shape)
+        stored = None
+        if mode in quant.INT_MODES:
+            matrix = self._numpy_matrix(value, shape)
+            stored = quant.quantize(matrix, mode, self.quant_axis, double_quant)
+        # Every check passed: swap the storage.
+        self._tracker.unlock()
+        try:
+            delattr(self, self.frozen_name)
+            self.base_dtype = mode
+            self.double_quant = double_quant
+            if stored is None:
+                new = self.add_weight(
+                    name=self.frozen_name,
+                    shape=shape,
+                    initializer="zeros",
+                    dtype=mode,
+                    trainable=False,
+                )
+                new.assign(value)
+            else:
+                self._frozen_shape = shape
+                new = self._add_storage(stored)
+            setattr(self, self.frozen_name, new)
+        finally:
+            self._tracker.lock()
+        if keras.backend.backend() == "torch":
+            self._track_variables()
+
+    def _refuse_split_of_int_base(self):
+        if self.base_dtype in quant.INT_MODES:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' cannot split its "
+                f"base: it is stored as base_dtype={self.base_dtype!r}. "
+                "Expected a float base; for QPiSSA (split, then quantise "
+                "the residual) use `from_base(layer, lora_init='pissa', "
+                "base_dtype=...)` or `apply_lora(..., lora_init='pissa', "
+                "base_dtype=...)`."
+            )
+
+    def _frozen_regularizer(self):
+        if self.frozen_name == "kernel":
+            return getattr(self, "kernel_regularizer", None)
+        return getattr(self, self.frozen_name + "_regularizer", None)
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """`keras.Model.quantize` support: `"int8"` (without a `config`)
+        stores the frozen base as int8 (see `quantize_base`); every other
+        mode raises `ValueError` pointing to `quantize_base`."""
+        if mode != "int8" or config is not None:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' quantises only its "
+                "frozen base, and through Keras only as int8. Received: "
+                f"mode={mode!r}, config={config!r}. Use "
+                "`layer.quantize_base('int8' or 'nf4')` or "
+                "`apply_lora(model, base_dtype=...)`."
+            )
+        self.quantize_base("int8")
+
+    def save_own_variables(self, store):
+        if self.base_dtype is None:
+            return super().save_own_variables(store)
+        # By name: a base quantised after building lists its variables in
+        # another order than a layer built quantised.
+        for variable in self.weights:
+            store[variable.name] = variable
+
+    def load_own_variables(self, store):
+        if self.base_dtype is None:
+            return super().load_own_variables(store)
+        mine = {v.name: v for v in self.weights}
+        if set(store.keys()) != set(mine):
+            raise ValueError(
+                f"Expected the variables {sorted(mine)} for layer "
+                f"'{self.name}' (base_dtype={self.base_dtype!r}). Received: "
+                f"{sorted(store.keys())}"
+            )
+        for name, variable in mine.items():
+            variable.assign(store[name])
