@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from keras_lora import _checks
+from keras_lora.layers import dora
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.dense import refuse_kernel_constraint
 
@@ -42,6 +43,7 @@ class LoRAConv(LoRALayer):
     """
 
     spatial_rank = None
+    supports_dora = True
 
     def __init__(
         self,
@@ -122,12 +124,10 @@ class LoRAConv(LoRALayer):
             )
         self.compute_output_shape(input_shape)
         in_axes = self.kernel_size + (in_channels,)
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=in_axes + (self.filters,),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            trainable=False,
+        self.kernel = self._add_frozen(
+            in_axes + (self.filters,),
+            self.kernel_initializer,
+            self.kernel_regularizer,
         )
         self._add_lora_weights(in_axes, (self.filters,))
         self.bias = None
@@ -152,7 +152,7 @@ class LoRAConv(LoRALayer):
             pads[1 if self.data_format == "channels_last" else 2] = [left, 0]
             inputs = ops.pad(inputs, pads)
             padding = "valid"
-        kernel = ops.stop_gradient(ops.cast(self.kernel, self.compute_dtype))
+        kernel = ops.stop_gradient(self._frozen_for_call())
         # conv((b, *s, in), (*k, in, filters)) -> (b, *s', filters)
         outputs = self._conv(inputs, kernel, padding)
         lora_inputs = self._lora_inputs(inputs, training)
@@ -160,19 +160,22 @@ class LoRAConv(LoRALayer):
         hidden = self._conv(lora_inputs, self.lora_a, padding)
         if self.data_format == "channels_last":
             # (b, *s', r) @ (r, filters) -> (b, *s', filters)
-            update = ops.matmul(hidden, self.lora_b)
+            update = ops.matmul(hidden, self._lora_b())
         else:
             # 1x1 conv((b, r, *s'), (1.., r, filters)) -> (b, filters, *s')
             one_by_one = ops.reshape(
-                self.lora_b, (1,) * self.spatial_rank + tuple(self.lora_b.shape)
+                self._lora_b(),
+                (1,) * self.spatial_rank + tuple(self.lora_b.shape),
             )
             update = self._conv(hidden, one_by_one, "valid", unit=True)
         outputs = ops.add(outputs, ops.multiply(update, self.scale))
+        if self.data_format == "channels_last":
+            bias_shape = (self.filters,)
+        else:
+            bias_shape = (self.filters,) + (1,) * self.spatial_rank
+        if self.use_dora:  # (b, ..filters..) * m / ||W + scale * A @ B||_c
+            outputs = dora.rescale(self, outputs, shape=bias_shape)
         if self.bias is not None:
-            if self.data_format == "channels_last":
-                bias_shape = (self.filters,)
-            else:
-                bias_shape = (self.filters,) + (1,) * self.spatial_rank
             outputs = ops.add(outputs, ops.reshape(self.bias, bias_shape))
         if self.activation is not None:
             outputs = self.activation(outputs)
@@ -258,8 +261,8 @@ _DOC = """{base} layer with a frozen kernel and a trainable LoRA update.
         filters: Positive integer, the number of output channels.
         kernel_size: Integer or tuple of {n} integers.
         rank, alpha, dropout, lora_a_initializer, lora_b_initializer,
-            lora_regularizer, train_bias, use_rslora, lora_init: The LoRA
-            arguments, as in `LoRALayer`.
+            lora_regularizer, train_bias, use_rslora, lora_init, use_dora:
+            The LoRA arguments, as in `LoRALayer`.
         strides, padding, data_format, dilation_rate, activation, use_bias,
             kernel_initializer, bias_initializer, kernel_regularizer,
             bias_regularizer, bias_constraint: As in `keras.layers.{base}`

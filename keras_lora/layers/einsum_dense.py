@@ -13,6 +13,7 @@ import string
 import keras
 from keras import ops
 
+from keras_lora.layers import dora
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.dense import refuse_kernel_constraint
 
@@ -83,8 +84,8 @@ class LoRAEinsumDense(LoRALayer):
         output_shape: The output shape without the batch dimension and the
             ellipsis dimensions; `None` for a dimension taken from the input.
         rank, alpha, dropout, lora_a_initializer, lora_b_initializer,
-            lora_regularizer, train_bias, use_rslora, lora_init: The LoRA
-            arguments, as in `LoRALayer`.
+            lora_regularizer, train_bias, use_rslora, lora_init, use_dora:
+            The LoRA arguments, as in `LoRALayer`.
         activation, bias_axes, kernel_initializer, bias_initializer,
             kernel_regularizer, bias_regularizer, bias_constraint: As in
             `keras.layers.EinsumDense`; `bias_axes` e.g. `"nh"`.
@@ -115,6 +116,7 @@ class LoRAEinsumDense(LoRALayer):
     """
 
     base_class = keras.layers.EinsumDense
+    supports_dora = True
 
     def __init__(
         self,
@@ -214,12 +216,8 @@ class LoRAEinsumDense(LoRALayer):
             config.update(seed=initializer.seed, input_axes=self._contracted)
             config["output_axes"] = self._outputs
             initializer = type(initializer).from_config(config)
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=tuple(kernel_shape),
-            initializer=initializer,
-            regularizer=self.kernel_regularizer,
-            trainable=False,
+        self.kernel = self._add_frozen(
+            kernel_shape, initializer, self.kernel_regularizer
         )
         self._add_lora_weights(
             [kernel_shape[i] for i in self._contracted],
@@ -238,13 +236,13 @@ class LoRAEinsumDense(LoRALayer):
     def call(self, inputs, training=None):
         if not keras.backend.is_float_dtype(inputs.dtype):
             inputs = ops.cast(inputs, self.compute_dtype)
-        kernel = ops.stop_gradient(ops.cast(self.kernel, self.compute_dtype))
+        kernel = ops.stop_gradient(self._frozen_for_call())
         # (*input) . (*kernel) -> (*output); no gradient reaches W.
         outputs = ops.einsum(self.equation, inputs, kernel)
         lora_inputs = self._lora_inputs(inputs, training)
         if self._flat:
             a = ops.reshape(self.lora_a, (-1, self.rank))
-            b = ops.reshape(self.lora_b, (self.rank, -1))
+            b = ops.reshape(self._lora_b(), (self.rank, -1))
             # (N, contracted) @ (contracted, r) -> (N, r), scaled while small
             x_r = ops.matmul(ops.reshape(lora_inputs, (-1, a.shape[0])), a)
             # (N, r) @ (r, outputs) -> (N, outputs) -> (*output)
@@ -255,9 +253,11 @@ class LoRAEinsumDense(LoRALayer):
             x_r = ops.einsum(self._down, lora_inputs, self.lora_a)
             # (*input less contracted, r) . (r, *outputs) -> (*output)
             update = ops.einsum(
-                self._up, ops.multiply(x_r, self.scale), self.lora_b
+                self._up, ops.multiply(x_r, self.scale), self._lora_b()
             )
         outputs = ops.add(outputs, update)
+        if self.use_dora:  # (*output) * m / ||W + scale * A . B||_c
+            outputs = dora.rescale(self, outputs, *self._dora_layout(outputs))
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         if self.activation is not None:
@@ -277,16 +277,25 @@ class LoRAEinsumDense(LoRALayer):
             **self._kernel_and_bias_config(),
         }
 
+    def _dora_layout(self, outputs):
+        _, ker, out, side = self._specs
+        letters = "".join(ker[i] for i in self._outputs)
+        dims = self.lora_b.shape[1:]
+        return dora.einsum_layout(out, letters, dims, side, outputs.ndim)
+
     def _to_matrix(self, kernel):
         # (*kernel) -> (*contracted, *outputs) -> (contracted, outputs)
         kernel = ops.transpose(kernel, self._contracted + self._outputs)
         fan_in = math.prod(self.lora_a.shape[:-1])
         return ops.reshape(kernel, (fan_in, -1))
 
+    def _matrix_axes(self, ndim):
+        return self._contracted + self._outputs, len(self._contracted)
+
     def _from_matrix(self, matrix):
         # (contracted, outputs) -> (*contracted, *outputs) -> (*kernel)
         perm = self._contracted + self._outputs
-        shape = [self.kernel.shape[i] for i in perm]
+        shape = [self.frozen_shape[i] for i in perm]
         inverse = [perm.index(i) for i in range(len(perm))]
         return ops.transpose(ops.reshape(matrix, shape), inverse)
 
