@@ -92,6 +92,8 @@ class LoRAEmbedding(LoRALayer):
 
     base_class = keras.layers.Embedding
     frozen_name = "embeddings"
+    quant_axis = 1  # scales along each row, so a call gathers rows
+    keeps_keras_int8 = True
     # A config, not an instance: an unseeded instance repeats its draws, so
     # every layer would start from the same lora_a.
     default_lora_a_initializer = {
@@ -138,17 +140,15 @@ class LoRAEmbedding(LoRALayer):
             self.build()
             if isinstance(weights, (list, tuple)) and len(weights) == 1:
                 weights = weights[0]
-            self.embeddings.assign(np.asarray(weights))
+            self._assign_frozen(np.asarray(weights))
 
     def build(self, input_shape=None):
         if self.built:
             return
-        self.embeddings = self.add_weight(
-            name="embeddings",
-            shape=(self.input_dim, self.output_dim),
-            initializer=self.embeddings_initializer,
-            regularizer=self.embeddings_regularizer,
-            trainable=False,
+        self.embeddings = self._add_frozen(
+            (self.input_dim, self.output_dim),
+            self.embeddings_initializer,
+            self.embeddings_regularizer,
         )
         self._add_lora_weights((self.input_dim,), (self.output_dim,))
         self.built = True
@@ -157,7 +157,7 @@ class LoRAEmbedding(LoRALayer):
         if inputs.dtype not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
         # take((in, out), (...)) -> (..., out)
-        outputs = ops.take(self.embeddings, inputs, axis=0)
+        outputs = self._frozen_rows(inputs)
         # take((in, r), (...)) -> (..., r)
         rows = ops.take(self.lora_a, inputs, axis=0)
         # (..., r) @ (r, out) -> (..., out)

@@ -167,6 +167,26 @@ class QuantizedBase:
         weight = self.dequantized_frozen_weight()
         return ops.stop_gradient(ops.cast(weight, self.compute_dtype))
 
+    def _frozen_value(self):
+        """The variable itself for `base_dtype=None` (as before), else
+        `_frozen_for_call()`."""
+        if self.base_dtype is None:
+            return self.frozen_weight
+        return self._frozen_for_call()
+
+    def _assign_frozen(self, value):
+        """Stores the float weight `value` (in the weight's float shape)."""
+        if self.base_dtype not in quant.INT_MODES:
+            self.frozen_weight.assign(value)
+            return
+        matrix = self._numpy_matrix(value, self.frozen_shape)
+        stored = quant.quantize(
+            matrix, self.base_dtype, self.quant_axis, self.double_quant
+        )
+        for key, array in stored.items():
+            suffix = "" if key == "codes" else "_" + key
+            self._stored(suffix).assign(array)
+
     def _frozen_rows(self, ids):
         """`take(frozen table, ids)` for an embedding, row by row."""
         table = self.frozen_weight

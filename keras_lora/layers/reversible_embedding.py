@@ -116,7 +116,7 @@ class LoRAReversibleEmbedding(LoRAEmbedding):
             logits = ops.matmul(inputs, kernel)
         else:
             lora_inputs = self._lora_inputs(inputs, training)
-            tensors = (inputs, lora_inputs, self.embeddings)
+            tensors = (inputs, lora_inputs, self._frozen_value())
             tensors += (self.lora_a, self.lora_b)
             if self.reverse_dtype is not None:
                 tensors = [ops.cast(t, self.reverse_dtype) for t in tensors]
