@@ -40,6 +40,10 @@ from keras_lora.peft_io import (
     read_peft_adapters,
     save_peft_adapters,
 )
+from keras_lora.serving import (
+    MultiAdapterModel,
+    build_multi_adapter_model,
+)
 from keras_lora.workflow import apply_lora, copy_model, merge_lora
 
 __version__ = "0.1.0"
@@ -55,6 +59,8 @@ __all__ = [
     "LoRALayer",
     "LoRAReversibleEmbedding",
     "RankWarning",
+    "MultiAdapterModel",
+    "build_multi_adapter_model",
     "apply_adapters",
     "apply_lora",
     "copy_model",

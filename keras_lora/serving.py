@@ -1,0 +1,345 @@
+"""Mixed-batch serving: one base model, N adapter files, one batched pass.
+
+`build_multi_adapter_model(base, paths)` returns a Keras model whose inputs
+are the base model's inputs plus an integer `adapter_ids` input, one id per
+example (`-1` for the base alone, `i` for `paths[i]`). Every layer an
+adapter touches becomes a serving layer (`keras_lora.layers.multi`) that
+runs the base op once for the whole batch and adds each example's own
+low-rank term, so each example gets what its own merged model
+(`merge_lora(apply_adapters(base, paths[i]))`) computes.
+
+Each file is checked against `base` as `apply_adapters` checks it (layer
+paths, kind, rank, shapes, the frozen weight's fingerprint); a file that
+does not fit raises `AdapterMismatchError`. Files may target different
+layers: where a file has no adapter, its examples get the base layer there,
+exactly as its own merged model does.
+
+Adapter ids. Called eagerly (`model(...)`, `predict`, `predict_on_batch`
+with arrays), ids that are not integers raise `TypeError` and ids outside
+`[-1, N)` raise `ValueError` naming them, before anything runs. Inside a
+compiled graph (a `tf.function`, `jax.jit`, an exported SavedModel) values
+cannot be checked in Python: an example with an out-of-range id gets NaN
+outputs (its float outputs), never another adapter's answer.
+
+Sources: Sheng et al., "S-LoRA", 2023, arXiv:2311.03285; Chen et al.,
+"Punica", 2023, arXiv:2310.18547.
+"""
+
+import os
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora import _tree
+from keras_lora.adapters import apply_adapters, read_adapters
+from keras_lora.layers import LoRALayer
+from keras_lora.layers.multi import SERVING_LAYERS, MultiAdapterLayer
+
+IDS = "adapter_ids"
+
+__all__ = [
+    "AdapterRouter",
+    "MultiAdapterModel",
+    "build_multi_adapter_model",
+    "check_adapter_ids",
+]
+
+
+def check_adapter_ids(ids, n_adapters):
+    """Raises unless `ids` are integers in `[-1, n_adapters)`, one per
+    example: `TypeError` for a non-integer dtype, `ValueError` naming the
+    ids out of range."""
+    array = np.asarray(ids)
+    if array.dtype.kind not in "iu":
+        raise TypeError(
+            f"Expected integer adapter ids. Received: {IDS} of dtype "
+            f"{array.dtype}; cast them to int32."
+        )
+    if array.ndim != 1:
+        raise ValueError(
+            f"Expected one adapter id per example, shape (batch,). "
+            f"Received: {IDS} of shape {array.shape}"
+        )
+    bad = np.unique(array[(array < -1) | (array >= n_adapters)])
+    if bad.size:
+        raise ValueError(
+            f"Expected adapter ids in [-1, {n_adapters - 1}] (-1: the base "
+            f"alone; {n_adapters} adapter(s)). Received: {IDS} containing "
+            f"{bad[:10].tolist()}{' ...' if bad.size > 10 else ''}"
+        )
+
+
+def _concrete(tensor):
+    """The values of an eager tensor, or None for a traced/symbolic one."""
+    if isinstance(tensor, np.ndarray):
+        return tensor
+    try:
+        return np.asarray(ops.convert_to_numpy(tensor))
+    except (TypeError, ValueError, AttributeError, NotImplementedError):
+        return None
+
+
+class _Ids:
+    """Where a pass's adapter ids wait for the serving layers."""
+
+    value = None
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class AdapterRouter(keras.layers.Layer):
+    """Runs a model whose serving layers read the pass's adapter ids.
+
+    Args:
+        model: A model holding `MultiAdapterLayer`s (or its config).
+        n_adapters: Positive int, the number of adapters N.
+
+    Call arguments:
+        inputs: The inner model's inputs.
+        adapter_ids: Int tensor `(batch,)` in `[-1, N)`.
+    """
+
+    def __init__(self, model, n_adapters, **kwargs):
+        if isinstance(model, dict):
+            model = keras.saving.deserialize_keras_object(model)
+        super().__init__(**kwargs)
+        self.model = model
+        self.n_adapters = int(n_adapters)
+        self._ids = _Ids()
+        for _, layer in _tree.walk(model):
+            if isinstance(layer, MultiAdapterLayer):
+                layer._ids_source = self._ids
+
+    def call(self, inputs, adapter_ids):
+        values = _concrete(adapter_ids)
+        if values is not None:
+            check_adapter_ids(values, self.n_adapters)
+        ids = ops.cast(ops.reshape(adapter_ids, (-1,)), "int32")
+        self._ids.value = ids
+        try:
+            outputs = self.model(inputs)
+        finally:
+            self._ids.value = None
+        # In a graph, an out-of-range id cannot raise: its example's float
+        # outputs become NaN. (b,) 0 or NaN
+        valid = ops.logical_and(
+            ops.greater_equal(ids, -1), ops.less(ids, self.n_adapters)
+        )
+        return keras.tree.map_structure(lambda y: _poison(y, valid), outputs)
+
+    def compute_output_spec(self, inputs, adapter_ids):
+        return self.model.compute_output_spec(inputs)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "model": keras.saving.serialize_keras_object(self.model),
+            "n_adapters": self.n_adapters,
+        }
+
+
+def _poison(outputs, valid):
+    if not keras.backend.is_float_dtype(outputs.dtype):
+        return outputs
+    nan = ops.where(valid, 0.0, float("nan"))
+    shape = (-1,) + (1,) * (len(outputs.shape) - 1)
+    return ops.add(outputs, ops.cast(ops.reshape(nan, shape), outputs.dtype))
+
+
+def _ids_of(x):
+    """The adapter ids of a serving model's input, or None."""
+    if isinstance(x, dict):
+        return x.get(IDS)
+    if isinstance(x, (list, tuple)) and x:
+        return x[-1]
+    return None
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class MultiAdapterModel(keras.Model):
+    """The serving model `build_multi_adapter_model` returns: a Functional
+    model whose `predict` checks array adapter ids before running."""
+
+    def predict(self, x, *args, **kwargs):
+        self._check(x)
+        return super().predict(x, *args, **kwargs)
+
+    def predict_on_batch(self, x):
+        self._check(x)
+        return super().predict_on_batch(x)
+
+    def _check(self, x):
+        ids = _ids_of(x)
+        values = None if ids is None else _concrete(ids)
+        if values is not None:
+            router = next(
+                op for op in self.operations if isinstance(op, AdapterRouter)
+            )
+            check_adapter_ids(values, router.n_adapters)
+
+
+def _paths(paths):
+    if isinstance(paths, (str, bytes, os.PathLike)) or not isinstance(
+        paths, (list, tuple)
+    ):
+        raise TypeError(
+            "Expected `paths` to be a list of adapter file paths. Received: "
+            f"paths={paths!r}; wrap a single path in a list."
+        )
+    if not paths:
+        raise ValueError(
+            "Expected at least one adapter file. Received: paths=[]"
+        )
+    return [os.fspath(p) for p in paths]
+
+
+def _refuse_unservable(path):
+    """Refuses, by layer and kind, what the serving layers cannot compute."""
+    problems = []
+    for layer_path, (record, _) in read_adapters(path).items():
+        kind = record["kind"]
+        if kind not in SERVING_LAYERS:
+            problems.append(
+                f"'{layer_path}': kind {kind} (serving supports "
+                f"{', '.join(sorted(SERVING_LAYERS))})"
+            )
+        if record.get("lora_init") == "pissa":
+            problems.append(
+                f"'{layer_path}': lora_init='pissa' (its frozen weight is a "
+                "residual, not the base's; merge it and serve that model)"
+            )
+        if record.get("use_dora"):
+            problems.append(f"'{layer_path}': a DoRA adapter (use_dora)")
+    if problems:
+        raise ValueError(
+            f"Expected adapter files the serving layers can compute. "
+            f"Received: path='{path}' with:\n  - " + "\n  - ".join(problems)
+        )
+
+
+def _factors(base, path):
+    """`{layer path: (kind, a, scaled b, bias or None)}` of one file, after
+    `apply_adapters` checked it against `base`."""
+    _refuse_unservable(path)
+    lora = apply_adapters(base, path)
+    records = read_adapters(path)
+    out = {}
+    for layer_path, layer in _tree.lora_layers(lora).items():
+        record = records[layer_path][0]
+        a = np.asarray(ops.convert_to_numpy(layer.lora_a), "float32")
+        b = np.asarray(ops.convert_to_numpy(layer.lora_b), "float32")
+        bias = None
+        if record["bias"]:
+            bias = np.asarray(ops.convert_to_numpy(layer.bias), "float32")
+        out[layer_path] = (record["kind"], a, b * layer.scale, bias)
+    return out
+
+
+def _inputs_like(base):
+    """Fresh `keras.Input`s with the structure, shapes, dtypes and names of
+    `base`'s inputs."""
+    try:
+        if isinstance(base, keras.Sequential):
+            structure = base.inputs[0]
+        else:
+            structure = base.input
+    except (AttributeError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"Expected a base model with defined inputs (Functional, "
+            f"Sequential built on a `keras.Input`, keras-hub). Received: "
+            f"model='{base.name}' ({error})"
+        ) from None
+    return keras.tree.map_structure(
+        lambda t: keras.Input(
+            batch_shape=t.shape, dtype=t.dtype, name=t.name.split(":")[0]
+        ),
+        structure,
+    )
+
+
+def build_multi_adapter_model(base, paths, strategy="concat"):
+    """Returns a model serving `base` with N adapter files at once.
+
+    Args:
+        base: The float base model, without LoRA layers (as passed to
+            `apply_adapters`). It is not changed.
+        paths: List of N adapter file paths; adapter id `i` is `paths[i]`.
+        strategy: `"concat"` (every layer) or `"gather"` (Dense layers;
+            others use "concat"): how each example's factors are applied,
+            see `keras_lora.layers.multi`.
+
+    Returns:
+        A `MultiAdapterModel` whose inputs are `base`'s inputs plus
+        `adapter_ids` (int32, one per example, -1 for the base alone): a
+        list `[*base inputs, adapter_ids]`, or for a dict-input base a dict
+        with the extra key `"adapter_ids"`.
+
+    Example:
+
+    >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> save_adapters(apply_lora(base, rank=2), "/tmp/a.lora.h5")
+    >>> serving = build_multi_adapter_model(base, ["/tmp/a.lora.h5"])
+    >>> x, ids = np.ones((2, 4)), np.array([0, -1])
+    >>> serving.predict_on_batch([x, ids]).shape
+    (2, 3)
+    """
+    _tree.require_model(base)
+    paths = _paths(paths)
+    if strategy not in ("concat", "gather"):
+        raise ValueError(
+            "Expected strategy 'concat' or 'gather'. Received: "
+            f"strategy={strategy!r}"
+        )
+    if _tree.find(base, LoRALayer):
+        raise ValueError(
+            f"Expected a base model without LoRA layers. Received: model="
+            f"'{base.name}', which has some; pass the base it was built from."
+        )
+    inputs = _inputs_like(base)
+    flat = keras.tree.flatten(inputs)
+    if IDS in {t.name for t in flat} or (
+        isinstance(inputs, dict) and IDS in inputs
+    ):
+        raise ValueError(
+            f"Expected a base model with no input named '{IDS}'. Received: "
+            f"model='{base.name}' with one."
+        )
+    per_file = [_factors(base, path) for path in paths]  # all checked first
+    from keras_lora.workflow import _swap_all, copy_model
+
+    inner = copy_model(base)
+    layers = dict(_tree.walk(inner))
+    replacements = {}
+    for layer_path in sorted(set().union(*per_file)):
+        kind = next(f[layer_path][0] for f in per_file if layer_path in f)
+        factors = [
+            f[layer_path][1:] if layer_path in f else None for f in per_file
+        ]
+        owners = [
+            i for i, f in enumerate(factors) if f for _ in range(f[0].shape[-1])
+        ]
+        cls = SERVING_LAYERS[kind]
+        old = layers[layer_path]
+        with _tree.name_scope_of(layer_path):
+            new = cls(
+                old,
+                owners,
+                len(paths),
+                adapter_bias=any(f and f[2] is not None for f in factors),
+                strategy=strategy if cls.gather_ok else "concat",
+            )
+            new.build()
+        new.set_factors(factors)
+        replacements[layer_path] = (old, new)
+    _swap_all(inner, replacements)
+    ids = keras.Input(shape=(), dtype="int32", name=IDS)
+    outputs = AdapterRouter(inner, len(paths), name="adapter_router")(
+        inputs, ids
+    )
+    if isinstance(inputs, dict):
+        model_inputs = {**inputs, IDS: ids}
+    else:
+        model_inputs = [*flat, ids]
+    return MultiAdapterModel(
+        inputs=model_inputs, outputs=outputs, name=f"{base.name}_serving"
+    )
