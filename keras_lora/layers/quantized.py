@@ -292,10 +292,13 @@ class QuantizedBase:
         return getattr(self, self.frozen_name + "_regularizer", None)
 
     def quantize(self, mode=None, type_check=True, config=None):
-        """`keras.Model.quantize` support: `"int8"` (without a `config`)
-        stores the frozen base as int8 (see `quantize_base`); every other
-        mode raises `ValueError` pointing to `quantize_base`."""
-        if mode != "int8" or config is not None:
+        """`keras.Model.quantize` support: `"int8"` with the default weight
+        quantizer stores the frozen base as int8, weight-only (see
+        `quantize_base`; an activation quantizer is not used); any other
+        mode or weight quantizer raises `ValueError` pointing to
+        `quantize_base`."""
+        custom = getattr(config, "weight_quantizer", None) is not None
+        if mode != "int8" or custom:
             raise ValueError(
                 f"{type(self).__name__} '{self.name}' quantises only its "
                 "frozen base, and through Keras only as int8. Received: "
