@@ -158,6 +158,14 @@ def add_arguments(parser):
         "--json", action="store_true", help="print the figures as JSON"
     )
     parser.add_argument(
+        "--serve",
+        type=positive_int,
+        nargs="+",
+        metavar="N",
+        help="mixed-batch serving of N adapters against N merged models "
+        "(e.g. --serve 1 4 16; see keras_lora._bench_serve)",
+    )
+    parser.add_argument(
         "--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS
     )
     parser.set_defaults(run=run)
@@ -315,6 +323,10 @@ def run(args):
     args = with_defaults(args)
     if args.memory_probe:
         return memory_probe(args)
+    if args.serve:
+        from keras_lora import _bench_serve
+
+        return _bench_serve.run(args)
 
     def progress(message, end="\n"):
         print(f"\r[bench] {message:<40}", end=end, file=sys.stderr, flush=True)

@@ -32,11 +32,15 @@ import numpy as np
 from keras import ops
 
 from keras_lora import _tree
+from keras_lora._serving_router import (
+    IDS,
+    AdapterRouter,
+    MultiAdapterModel,
+    check_adapter_ids,
+)
 from keras_lora.adapters import apply_adapters, read_adapters
 from keras_lora.layers import LoRALayer
-from keras_lora.layers.multi import SERVING_LAYERS, MultiAdapterLayer
-
-IDS = "adapter_ids"
+from keras_lora.layers.multi_kinds import SERVING_LAYERS
 
 __all__ = [
     "AdapterRouter",
@@ -44,138 +48,6 @@ __all__ = [
     "build_multi_adapter_model",
     "check_adapter_ids",
 ]
-
-
-def check_adapter_ids(ids, n_adapters):
-    """Raises unless `ids` are integers in `[-1, n_adapters)`, one per
-    example: `TypeError` for a non-integer dtype, `ValueError` naming the
-    ids out of range."""
-    array = np.asarray(ids)
-    if array.dtype.kind not in "iu":
-        raise TypeError(
-            f"Expected integer adapter ids. Received: {IDS} of dtype "
-            f"{array.dtype}; cast them to int32."
-        )
-    if array.ndim != 1:
-        raise ValueError(
-            f"Expected one adapter id per example, shape (batch,). "
-            f"Received: {IDS} of shape {array.shape}"
-        )
-    bad = np.unique(array[(array < -1) | (array >= n_adapters)])
-    if bad.size:
-        raise ValueError(
-            f"Expected adapter ids in [-1, {n_adapters - 1}] (-1: the base "
-            f"alone; {n_adapters} adapter(s)). Received: {IDS} containing "
-            f"{bad[:10].tolist()}{' ...' if bad.size > 10 else ''}"
-        )
-
-
-def _concrete(tensor):
-    """The values of an eager tensor, or None for a traced/symbolic one."""
-    if isinstance(tensor, np.ndarray):
-        return tensor
-    try:
-        return np.asarray(ops.convert_to_numpy(tensor))
-    except (TypeError, ValueError, AttributeError, NotImplementedError):
-        return None
-
-
-class _Ids:
-    """Where a pass's adapter ids wait for the serving layers."""
-
-    value = None
-
-
-@keras.saving.register_keras_serializable(package="keras_lora")
-class AdapterRouter(keras.layers.Layer):
-    """Runs a model whose serving layers read the pass's adapter ids.
-
-    Args:
-        model: A model holding `MultiAdapterLayer`s (or its config).
-        n_adapters: Positive int, the number of adapters N.
-
-    Call arguments:
-        inputs: The inner model's inputs.
-        adapter_ids: Int tensor `(batch,)` in `[-1, N)`.
-    """
-
-    def __init__(self, model, n_adapters, **kwargs):
-        if isinstance(model, dict):
-            model = keras.saving.deserialize_keras_object(model)
-        super().__init__(**kwargs)
-        self.model = model
-        self.n_adapters = int(n_adapters)
-        self._ids = _Ids()
-        for _, layer in _tree.walk(model):
-            if isinstance(layer, MultiAdapterLayer):
-                layer._ids_source = self._ids
-
-    def call(self, inputs, adapter_ids):
-        values = _concrete(adapter_ids)
-        if values is not None:
-            check_adapter_ids(values, self.n_adapters)
-        ids = ops.cast(ops.reshape(adapter_ids, (-1,)), "int32")
-        self._ids.value = ids
-        try:
-            outputs = self.model(inputs)
-        finally:
-            self._ids.value = None
-        # In a graph, an out-of-range id cannot raise: its example's float
-        # outputs become NaN. (b,) 0 or NaN
-        valid = ops.logical_and(
-            ops.greater_equal(ids, -1), ops.less(ids, self.n_adapters)
-        )
-        return keras.tree.map_structure(lambda y: _poison(y, valid), outputs)
-
-    def compute_output_spec(self, inputs, adapter_ids):
-        return self.model.compute_output_spec(inputs)
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "model": keras.saving.serialize_keras_object(self.model),
-            "n_adapters": self.n_adapters,
-        }
-
-
-def _poison(outputs, valid):
-    if not keras.backend.is_float_dtype(outputs.dtype):
-        return outputs
-    nan = ops.where(valid, 0.0, float("nan"))
-    shape = (-1,) + (1,) * (len(outputs.shape) - 1)
-    return ops.add(outputs, ops.cast(ops.reshape(nan, shape), outputs.dtype))
-
-
-def _ids_of(x):
-    """The adapter ids of a serving model's input, or None."""
-    if isinstance(x, dict):
-        return x.get(IDS)
-    if isinstance(x, (list, tuple)) and x:
-        return x[-1]
-    return None
-
-
-@keras.saving.register_keras_serializable(package="keras_lora")
-class MultiAdapterModel(keras.Model):
-    """The serving model `build_multi_adapter_model` returns: a Functional
-    model whose `predict` checks array adapter ids before running."""
-
-    def predict(self, x, *args, **kwargs):
-        self._check(x)
-        return super().predict(x, *args, **kwargs)
-
-    def predict_on_batch(self, x):
-        self._check(x)
-        return super().predict_on_batch(x)
-
-    def _check(self, x):
-        ids = _ids_of(x)
-        values = None if ids is None else _concrete(ids)
-        if values is not None:
-            router = next(
-                op for op in self.operations if isinstance(op, AdapterRouter)
-            )
-            check_adapter_ids(values, router.n_adapters)
 
 
 def _paths(paths):

@@ -298,3 +298,58 @@ def test_keras_hub_attention_adapters_serve(tmp_path):
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+def _bench(argv):
+    import io
+    import json
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from keras_lora.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(io.StringIO()):
+        status = main(["bench", *argv])
+    return status, out.getvalue() and json.loads(out.getvalue())
+
+
+def test_serve_bench_reports_ratios_intervals_and_bytes():
+    width, rank, ns = 16, 2, (1, 3)
+    status, report = _bench(
+        ["--serve", *map(str, ns), "--width", str(width), "--batch", "6"]
+        + ["--rank", str(rank), "--steps", "3", "--warmup", "1", "--json"]
+    )
+    assert status == 0
+    assert [row["n_adapters"] for row in report["rows"]] == list(ns)
+    base = 4 * (width * width + width)  # float32 kernel + bias
+    for row, n in zip(report["rows"], ns):
+        samples = row["samples_s"]
+        for strategy in ("concat", "gather"):
+            key = f"throughput_{strategy}_vs_merged"
+            value = np.median(samples["merged"]) / np.median(samples[strategy])
+            assert row["ratios"][key] == pytest.approx(value)
+            low, high = row["intervals"][key]
+            assert low <= value <= high
+        factors = 2 * width * rank * n  # A (width, n r) + B (n r, width)
+        biases = (n + 1) * width
+        assert row["bytes"] == {
+            "serving_concat": base + 4 * (factors + biases),
+            "serving_gather": base + 4 * (factors + 2 * width * rank + biases),
+            "one_merged": base,
+            "all_merged": n * base,
+            "base": base,
+        }
+        assert row["ratios"]["weights_concat_vs_one_merged"] == pytest.approx(
+            row["bytes"]["serving_concat"] / base
+        )
+        assert row["met"] is None  # the targets are for N = 16
+
+
+def test_serve_bench_verdicts_and_refusals():
+    from keras_lora._bench_serve import _at_least
+
+    assert _at_least([4.1, 6.0], 4.0) == "yes"
+    assert _at_least([3.0, 3.9], 4.0) == "no"
+    assert _at_least([3.5, 4.5], 4.0) == "unclear"
+    assert _bench(["--serve", "2", "--layer", "einsum"])[0] == 2
+    assert _bench(["--serve", "0"])[0] == 2
