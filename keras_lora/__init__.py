@@ -8,6 +8,7 @@ from keras_lora.adapters import (
     read_adapters,
     save_adapters,
 )
+from keras_lora.combine import combine_adapters
 from keras_lora.layers import (
     LoRAConv1D,
     LoRAConv2D,
@@ -25,6 +26,14 @@ from keras_lora.lowrank import (
     rank_report,
 )
 from keras_lora.models import build_baseline_model, build_lora_model
+from keras_lora.named_adapters import (
+    active_adapters,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    set_adapter,
+)
 from keras_lora.parameters import (
     LayerComparison,
     ParameterComparison,
@@ -61,18 +70,24 @@ __all__ = [
     "RankWarning",
     "MultiAdapterModel",
     "build_multi_adapter_model",
+    "active_adapters",
+    "add_adapter",
     "apply_adapters",
     "apply_lora",
     "copy_model",
     "layer_matrix",
+    "list_adapters",
     "ParameterComparison",
     "ParameterCount",
     "RankReport",
     "build_baseline_model",
     "build_lora_model",
+    "combine_adapters",
     "compare_parameters",
     "count_parameters",
+    "delete_adapter",
     "dense_parameter_count",
+    "disable_adapters",
     "extract_lora",
     "kernel_fingerprint",
     "load_adapters",
@@ -84,5 +99,6 @@ __all__ = [
     "read_adapters",
     "read_peft_adapters",
     "save_adapters",
+    "set_adapter",
     "save_peft_adapters",
 ]

@@ -1,12 +1,13 @@
 """Adapter files: what LoRA trained, and nothing else, in one HDF5 file.
 
 The file holds, for every LoRA layer (any kind, at any depth), `lora_a`,
-`lora_b` and the bias when the layer's configuration trains it
-(`train_bias`), stored as float32 whatever the layer's dtype, plus a JSON
-record per layer: its path in the model (never its position), kind, rank,
-alpha, rsLoRA flag, init, dtype, the frozen weight's shape and a SHA-256
-fingerprint of the frozen weight the factors belong to (for PiSSA, the
-weight before the split, so the file does not depend on a backend's SVD).
+`lora_b`, DoRA's `lora_magnitude` when the layer uses it, and the bias
+when the layer's configuration trains it (`train_bias`), stored as float32
+whatever the layer's dtype, plus a JSON record per layer: its path in the
+model (never its position), kind, rank, alpha, rsLoRA flag, init, DoRA
+flag, dtype, the frozen weight's shape and a SHA-256 fingerprint of the
+frozen weight the factors belong to (for PiSSA, the weight before the
+split, so the file does not depend on a backend's SVD).
 The recommended suffix is `.lora.h5`; any path is written as given.
 `load_adapters` checks everything before it writes anything (peer bug for
 contrast: keras-hub keyed adapters by position and loaded them into the
@@ -22,7 +23,7 @@ import h5py
 import keras
 import numpy as np
 
-from keras_lora import _tree
+from keras_lora import _named_files, _tree
 from keras_lora.layers.base import weight_fingerprint as kernel_fingerprint
 
 FORMAT = "keras_lora.adapters"
@@ -33,10 +34,14 @@ CHECKED = (
     "alpha",
     "use_rslora",
     "lora_init",
+    "use_dora",
     "base_shape",
     "bias",
     "base_fingerprint",
+    "base_dtype",
 )
+# Checks of the base, skipped by `load_adapters(allow_base_mismatch=True)`.
+_BASE_CHECKS = ("base_fingerprint", "base_dtype")
 
 __all__ = [
     "AdapterMismatchError",
@@ -68,10 +73,13 @@ def _record(path, layer):
         "alpha": layer.alpha,
         "use_rslora": layer.use_rslora,
         "lora_init": layer.lora_init,
+        "use_dora": layer.use_dora,
         "dropout": layer.dropout,
         "train_bias": layer.train_bias,
         "dtype": keras.backend.standardize_dtype(layer.lora_a.dtype),
-        "base_shape": list(layer.frozen_weight.shape),
+        "base_shape": list(layer.frozen_shape),
+        "base_dtype": layer.base_dtype,
+        "double_quant": layer.double_quant,
         "bias": layer.train_bias and getattr(layer, "bias", None) is not None,
         "base_fingerprint": layer.base_fingerprint(),
     }
@@ -79,6 +87,8 @@ def _record(path, layer):
 
 def _arrays(layer, record):
     arrays = {"lora_a": layer.lora_a, "lora_b": layer.lora_b}
+    if record["use_dora"]:
+        arrays["lora_magnitude"] = layer.lora_magnitude
     if record["bias"]:
         arrays["bias"] = layer.bias
     return {
@@ -93,8 +103,11 @@ def _umask():
     return mask
 
 
-def save_adapters(model, path):
+def save_adapters(model, path, name=None):
     """Writes every LoRA layer's trained weights to one file at `path`.
+
+    With named adapters (`keras_lora.named_adapters`), it writes the one
+    adapter `name` (default: the active one), in the same format.
 
     The write goes to a temporary file in the same folder, flushed to disk
     (fsync) and given the mode a plain `open()` would give, which then
@@ -106,7 +119,10 @@ def save_adapters(model, path):
     """
     layers = _tree.lora_layers(model)
     path = os.fspath(path)
-    records = [_record(p, layer) for p, layer in layers.items()]
+    entries = _named_files.entries(model, name) or [
+        (_record(p, x), _arrays(x, _record(p, x))) for p, x in layers.items()
+    ]
+    records = [record for record, _ in entries]
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".adapters-", suffix=".tmp")
     os.close(fd)
@@ -116,11 +132,11 @@ def save_adapters(model, path):
             f.attrs["format"] = FORMAT
             f.attrs["version"] = VERSION
             f.attrs["layers"] = json.dumps(records)
-            for i, (record, layer) in enumerate(zip(records, layers.values())):
+            for i, (record, arrays) in enumerate(entries):
                 group = f.create_group(f"adapter_{i}")
                 group.attrs["path"] = record["path"]
-                for name, array in _arrays(layer, record).items():
-                    group.create_dataset(name, data=array)
+                for key, array in arrays.items():
+                    group.create_dataset(key, data=array)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -163,10 +179,12 @@ def read_adapters(path):
             out = {}
             for i, record in enumerate(records):
                 record = _upgrade(record, version)
+                record.setdefault("use_dora", False)  # files before DoRA
                 group = f[f"adapter_{i}"]
                 names = ["lora_a", "lora_b"] + (
-                    ["bias"] if record["bias"] else []
+                    ["lora_magnitude"] if record["use_dora"] else []
                 )
+                names += ["bias"] if record["bias"] else []
                 out[record["path"]] = (
                     record,
                     {n: np.asarray(group[n][()], "float32") for n in names},
@@ -186,7 +204,7 @@ def read_adapters(path):
     return out
 
 
-def _problems(layers, saved):
+def _problems(layers, saved, allow_base_mismatch=False):
     problems = []
     for path in sorted(set(saved) - set(layers)):
         problems.append(
@@ -202,12 +220,19 @@ def _problems(layers, saved):
         for key in CHECKED:
             if record.get(key) is None and key == "lora_init":
                 continue
+            if allow_base_mismatch and key in _BASE_CHECKS:
+                continue
+            if key == "base_dtype":  # files before it: a float base
+                record[key] = _storage(record.get(key))
+                expected[key] = _storage(expected[key])
             if record.get(key) != expected[key]:
                 problems.append(
                     f"'{path}': {key} is {record.get(key)!r} in the file, "
                     f"{expected[key]!r} in the model"
                 )
         for name, array in arrays.items():
+            if getattr(layers[path], name) is None:
+                continue  # lora_magnitude without DoRA: use_dora differs
             want = tuple(getattr(layers[path], name).shape)
             if tuple(array.shape) != want:
                 problems.append(
@@ -217,18 +242,34 @@ def _problems(layers, saved):
     return problems
 
 
-def load_adapters(model, path):
+def _storage(base_dtype):
+    return None if base_dtype == "float32" else base_dtype
+
+
+def load_adapters(model, path, name=None, allow_base_mismatch=False):
     """Loads an adapter file into `model`'s LoRA layers, all or nothing.
+
+    With `name`, the file becomes a new named adapter instead (see
+    `keras_lora.named_adapters`), in the layers it covers, not active;
+    a model holding named adapters needs `name`.
 
     Every layer path, kind, rank, alpha, shape and base-weight fingerprint
     is checked first. On any mismatch an `AdapterMismatchError` lists every
     problem and the model is left exactly as it was; if an assignment fails
     midway, every variable already written is restored. Arrays are cast to
     each variable's dtype.
+
+    The file records the base's storage (`base_dtype`) and fingerprints the
+    stored base (for int8 and NF4: codes and scales), so adapters trained
+    on an NF4 base are refused on a float32 base and the reverse;
+    `allow_base_mismatch=True` skips those two checks (the factors then
+    meet a base they were not trained on).
     """
+    if name is not None or _named_files.is_named(model):
+        return _named_files.load(model, path, name)
     layers = _tree.lora_layers(model)
     saved = read_adapters(path)
-    problems = _problems(layers, saved)
+    problems = _problems(layers, saved, allow_base_mismatch)
     if problems:
         raise AdapterMismatchError(os.fspath(path), problems)
     targets = [
@@ -246,11 +287,22 @@ def load_adapters(model, path):
         raise
 
 
+def _storage_of(records):
+    """The one base storage of a file's layers, as `apply_lora` kwargs."""
+    storage = {
+        (r.get("base_dtype"), r.get("double_quant", False)) for r in records
+    }
+    if len(storage) != 1:
+        return {}  # mixed storages: the per-layer checks report them
+    base_dtype, double_quant = storage.pop()
+    return {"base_dtype": base_dtype, "double_quant": double_quant}
+
+
 def apply_adapters(model, path):
     """Returns a LoRA copy of the base `model` with the file's adapters.
 
     The LoRA settings of each layer (kind, rank, alpha, rsLoRA, init,
-    dropout, whether the bias trains) come from the file, so a base model
+    DoRA, dropout, whether the bias trains) come from the file, so a base model
     saved in its own format (a `.keras` file, a keras-hub preset) plus an
     adapter file rebuild the trained model exactly, wherever its LoRA
     layers sit. `model` is not changed. A file that does not fit `model`
@@ -267,14 +319,16 @@ def apply_adapters(model, path):
     for r in records:
         train_bias = r.get("train_bias", r["bias"])
         key = (r["use_rslora"], r["lora_init"] or "default", train_bias)
+        key += (r["use_dora"],)
         groups.setdefault(key, []).append(r)
     if len(groups) != 1 or len({r.get("dropout", 0.0) for r in records}) > 1:
         raise ValueError(
             f"Expected an adapter file whose layers share use_rslora, "
-            f"lora_init, dropout and bias training. Received: path='{path}'"
+            f"lora_init, use_dora, dropout and bias training. Received: "
+            f"path='{path}'"
             " with several; rebuild with `apply_lora` and `load_adapters`."
         )
-    (use_rslora, lora_init, train_bias), _ = groups.popitem()
+    (use_rslora, lora_init, train_bias, use_dora), _ = groups.popitem()
     try:
         lora = apply_lora(
             model,
@@ -285,6 +339,8 @@ def apply_adapters(model, path):
             train_bias=train_bias,
             use_rslora=use_rslora,
             lora_init=lora_init,
+            use_dora=use_dora,
+            **_storage_of(records),
         )
     except ValueError as error:
         raise AdapterMismatchError(os.fspath(path), [str(error)]) from error

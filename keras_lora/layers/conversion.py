@@ -9,6 +9,8 @@ the base layer is lost either way, and no buffer is shared.
 import numpy as np
 from keras import ops
 
+from keras_lora.layers.quantized import check_requantize, requantize_base
+
 from keras_lora.layers import dora
 
 LORA_KEYS = (
@@ -95,11 +97,18 @@ class BaseConversion:
                 by_name[variable.name].assign(
                     np.array(ops.convert_to_numpy(variable))
                 )
+        # The base's own bias, for named adapters (`_adapter_slots.py`).
+        bias = by_name.get("bias")
+        new.__dict__["_base_bias"] = (
+            None if bias is None else np.array(ops.convert_to_numpy(bias))
+        )
+        if new.use_dora:  # m from the copied kernel, before a split uses it
+            dora.reset_magnitude(new)
         if new.lora_init == "pissa":
             new.pissa_split()
         if base_dtype not in (None, stored):  # after a split: QPiSSA
             new.quantize_base(base_dtype, double_quant=double_quant)
-        if new.use_dora:  # m from the copied kernel, not the initializer's
+        if new.use_dora:  # m from the weights as they end up (split, stored)
             dora.reset_magnitude(new)
         return new
 
@@ -115,13 +124,18 @@ class BaseConversion:
             config["activity_regularizer"] = layer.activity_regularizer
         return config
 
-    def to_base(self):
+    def to_base(self, requantize=None):
         """Returns a built base layer whose frozen weight is merged.
 
         Every base argument is kept, and the other weights (the bias) are
         copied by value. Raises `ValueError` naming the layer, before
-        creating anything, if the merged weight holds NaN or inf.
+        creating anything, if the merged weight holds NaN or inf. A
+        quantised base is dequantised and merged in float32; with
+        `requantize="int8"` (LoRADense, LoRAEmbedding) the merged layer is
+        then quantised by Keras and its `requantization_error` attribute
+        holds the weight's relative Frobenius error that added.
         """
+        check_requantize(self, requantize)
         merged = np.array(ops.convert_to_numpy(self.merged_kernel()))
         if not np.all(np.isfinite(merged)):
             raise ValueError(
@@ -144,6 +158,8 @@ class BaseConversion:
                 variable.assign(
                     np.array(ops.convert_to_numpy(values[variable.name]))
                 )
+        if requantize is not None:
+            requantize_base(base, requantize)
         return base
 
     def _base_class_for_merge(self):

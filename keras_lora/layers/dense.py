@@ -188,6 +188,7 @@ class LoRADense(LoRALayer):
             dense, rank=rank, alpha=alpha, dropout=dropout, **lora_kwargs
         )
 
-    def to_dense(self):
-        """Returns a built `keras.layers.Dense` whose kernel is merged."""
-        return self.to_base()
+    def to_dense(self, requantize=None):
+        """Returns a built `keras.layers.Dense` whose kernel is merged
+        (`requantize="int8"`: then quantised by Keras; see `to_base`)."""
+        return self.to_base(requantize=requantize)

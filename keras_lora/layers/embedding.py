@@ -161,7 +161,7 @@ class LoRAEmbedding(LoRALayer):
         # take((in, r), (...)) -> (..., r)
         rows = ops.take(self.lora_a, inputs, axis=0)
         # (..., r) @ (r, out) -> (..., out)
-        update = ops.matmul(self._lora_inputs(rows, training), self.lora_b)
+        update = ops.matmul(self._lora_inputs(rows, training), self._lora_b())
         outputs = ops.add(outputs, ops.multiply(update, self.scale))
         return ops.cast(outputs, self.compute_dtype)
 

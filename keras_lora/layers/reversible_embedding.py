@@ -117,7 +117,7 @@ class LoRAReversibleEmbedding(LoRAEmbedding):
         else:
             lora_inputs = self._lora_inputs(inputs, training)
             tensors = (inputs, lora_inputs, self._frozen_value())
-            tensors += (self.lora_a, self.lora_b)
+            tensors += (self.lora_a, self._lora_b())
             if self.reverse_dtype is not None:
                 tensors = [ops.cast(t, self.reverse_dtype) for t in tensors]
             inputs, lora_inputs, table, a, b = tensors

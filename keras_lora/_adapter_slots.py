@@ -1,0 +1,305 @@
+"""Several named adapters in one LoRA layer: storage, the slot, the scales.
+
+A layer that holds named adapters keeps each adapter's factors (and bias,
+when the layer trains its bias) in non-trainable variables of their own
+rank. Its trainable `lora_a` / `lora_b` become a fixed "slot" of rank
+`layer.rank`: they hold the active adapter, or the active adapters side by
+side, zero-padded to the slot's rank. A non-trainable `adapter_scales`
+vector `(slot_rank,)` holds each active rank's scale (0 on the padding);
+the layer's call folds it into `lora_b` (`LoRALayer._lora_b`), and its
+scalar `scale` is 1. Switching adapters only assigns values to existing
+variables, so a traced predict or train function is reused as it is.
+
+Gradients reach only the slot: a padding rank gets a zero gradient (its
+scale is 0), so it stays zero, and the stored adapters are written back from
+the slot on a switch, a save and a combine.
+
+Sources:
+- Hugging Face PEFT `tuners/lora/layer.py` (`lora_A` / `lora_B` /
+  `scaling` dicts keyed by adapter name).
+- Sheng et al., "S-LoRA", 2023, arXiv:2311.03285 (one base, many
+  adapters, switched without copying the base).
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora import _tree
+
+
+class Stored:
+    """One named adapter of one layer: its settings and its variables."""
+
+    def __init__(self, rank, alpha, use_rslora, lora_init, a, b, bias):
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.use_rslora = use_rslora
+        self.lora_init = lora_init
+        self.a = a  # (*in_axes, rank)
+        self.b = b  # (rank, *out_axes)
+        self.bias = bias  # the bias shape, or None
+
+    @property
+    def scale(self):
+        if self.use_rslora:
+            return self.alpha / math.sqrt(self.rank)
+        return self.alpha / self.rank
+
+    def variables(self):
+        return [v for v in (self.a, self.b, self.bias) if v is not None]
+
+
+class Slots:
+    """The named adapters of one layer and which of them fill its slot."""
+
+    def __init__(self, base_bias):
+        self.adapters = {}  # name -> Stored
+        self.active = ()  # the names in the slot, in order
+        self.base_bias = base_bias  # variable, or None
+        self.filled_bias = None  # the bias written for several adapters
+
+
+def slots_of(layer):
+    """The layer's `Slots`, or None for a plain single-adapter layer."""
+    return layer.__dict__.get("_named_adapters")
+
+
+def trains_bias(layer):
+    return layer.train_bias and getattr(layer, "bias", None) is not None
+
+
+def base_bias_of(layer):
+    """The base's bias as an array: the one `from_base` copied, or the
+    layer's bias now."""
+    known = layer.__dict__.get("_base_bias")
+    if known is not None and known.shape == tuple(layer.bias.shape):
+        return known
+    return _numpy(layer.bias)
+
+
+def _numpy(value):
+    return np.array(ops.convert_to_numpy(value))
+
+
+def _weight(layer, name, value):
+    """A new non-trainable variable of `layer` holding `value`."""
+    tracker = layer._tracker
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        variable = layer.add_weight(
+            name=name,
+            shape=tuple(value.shape),
+            initializer="zeros",
+            dtype=layer.lora_a.dtype,
+            trainable=False,
+        )
+    finally:
+        if locked:
+            tracker.lock()
+    variable.assign(ops.cast(value, variable.dtype))
+    return variable
+
+
+def _refuse_save(store):
+    raise ValueError(
+        "A layer holding several named adapters cannot be saved with its "
+        "weights (.keras or save_weights): its config describes one "
+        "adapter. Save each adapter with `save_adapters(model, path, "
+        "name=...)`, or merge with `merge_lora`, or delete all but one."
+    )
+
+
+def enter(layer, name):
+    """Turns a plain LoRA layer into one holding named adapters; its
+    current factors (and bias) become the adapter `name`, which is active.
+    The base's bias is the one `from_base` copied (`apply_lora`), else, for
+    a layer built otherwise, the layer's bias now."""
+    base_bias = None
+    if trains_bias(layer):
+        base_bias = _weight(layer, "base_bias", base_bias_of(layer))
+    slots = Slots(base_bias)
+    scales = np.full((layer.rank,), layer.scale, "float32")
+    stored = Stored(
+        layer.rank,
+        layer.alpha,
+        layer.use_rslora,
+        layer.lora_init,
+        _weight(layer, f"adapter_{name}_a", _numpy(layer.lora_a)),
+        _weight(layer, f"adapter_{name}_b", _numpy(layer.lora_b)),
+        None
+        if base_bias is None
+        else _weight(layer, f"adapter_{name}_bias", _numpy(layer.bias)),
+    )
+    slots.adapters[name] = stored
+    slots.active = (name,)
+    # Set last: from here on `scale` is 1 and `_lora_b` reads the scales.
+    layer.__dict__["_named_adapters"] = slots
+    layer.adapter_scales = _weight(layer, "adapter_scales", scales)
+    layer.__dict__["save_own_variables"] = _refuse_save
+
+
+def add(layer, name, rank, alpha, use_rslora, lora_init, a_init):
+    """Stores a new adapter `name` in `layer`: `a` from `a_init`, `b` zero,
+    the bias the base's. Not active."""
+    slots = slots_of(layer)
+    a_shape = tuple(layer.lora_a.shape[:-1]) + (rank,)
+    b_shape = (rank,) + tuple(layer.lora_b.shape[1:])
+    a = keras.initializers.get(a_init)(a_shape, dtype="float32")
+    bias = None
+    if slots.base_bias is not None:
+        bias = _weight(layer, f"adapter_{name}_bias", _numpy(slots.base_bias))
+    slots.adapters[name] = Stored(
+        rank,
+        alpha,
+        use_rslora,
+        lora_init,
+        _weight(layer, f"adapter_{name}_a", a),
+        _weight(layer, f"adapter_{name}_b", np.zeros(b_shape, "float32")),
+        bias,
+    )
+
+
+def put(layer, name, stored_values, rank, alpha, use_rslora, lora_init):
+    """Stores adapter `name` from arrays `{"lora_a", "lora_b"[, "bias"]}`."""
+    slots = slots_of(layer)
+    bias = None
+    if slots.base_bias is not None:
+        value = stored_values.get("bias", _numpy(slots.base_bias))
+        bias = _weight(layer, f"adapter_{name}_bias", value)
+    slots.adapters[name] = Stored(
+        rank,
+        alpha,
+        use_rslora,
+        lora_init,
+        _weight(layer, f"adapter_{name}_a", stored_values["lora_a"]),
+        _weight(layer, f"adapter_{name}_b", stored_values["lora_b"]),
+        bias,
+    )
+
+
+def remove(layer, name):
+    """Drops adapter `name`'s variables from `layer` (it is not active)."""
+    stored = slots_of(layer).adapters.pop(name)
+    for variable in stored.variables():
+        layer._untrack_variable(variable)
+
+
+def needed_rank(layer, names):
+    slots = slots_of(layer)
+    return sum(slots.adapters[n].rank for n in names if n in slots.adapters)
+
+
+def grow(layer, rank):
+    """Replaces the slot variables by zero ones of `rank` (structural: a
+    traced function or a built optimizer still holds the old ones)."""
+    tracker = layer._tracker
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        for attr, shape in (
+            ("lora_a", tuple(layer.lora_a.shape[:-1]) + (rank,)),
+            ("lora_b", (rank,) + tuple(layer.lora_b.shape[1:])),
+        ):
+            old = getattr(layer, attr)
+            store = layer._trainable_variables
+            index = next(i for i, v in enumerate(store) if v is old)
+            layer._untrack_variable(old)
+            tracker.unlock()
+            new = layer.add_weight(
+                name=attr,
+                shape=shape,
+                initializer="zeros",
+                dtype=old.dtype,
+                regularizer=layer.lora_regularizer,
+                trainable=old.trainable,
+            )
+            del store[next(i for i, v in enumerate(store) if v is new)]
+            store.insert(index, new)
+            setattr(layer, attr, new)
+        old = layer.adapter_scales
+        layer._untrack_variable(old)
+        tracker.unlock()
+        layer.adapter_scales = _weight(
+            layer, "adapter_scales", np.zeros((rank,), "float32")
+        )
+    finally:
+        if locked:
+            tracker.lock()
+    layer.rank = rank
+    slots_of(layer).active = ()
+
+
+def write_back(layer):
+    """Copies the slot's factors (and bias) to the active adapters."""
+    slots = slots_of(layer)
+    offset = 0
+    a_slot = ops.convert_to_tensor(layer.lora_a)
+    b_slot = ops.convert_to_tensor(layer.lora_b)
+    for name in slots.active:
+        stored = slots.adapters[name]
+        end = offset + stored.rank
+        stored.a.assign(a_slot[..., offset:end])
+        stored.b.assign(b_slot[offset:end])
+        offset = end
+    holders = [n for n in slots.active if slots.adapters[n].bias is not None]
+    if len(holders) == 1:
+        slots.adapters[holders[0]].bias.assign(layer.bias)
+    elif len(holders) > 1:
+        # Several adapters share the trained bias: its change since the
+        # fill goes to the first of them.
+        change = _numpy(layer.bias) - slots.filled_bias
+        if np.any(change != 0):
+            first = slots.adapters[holders[0]].bias
+            first.assign(_numpy(first) + change)
+
+
+def fill(layer, names):
+    """Puts the adapters `names` (those `layer` holds) in the slot, side by
+    side and zero-padded; `()` leaves the base alone. Values only."""
+    slots = slots_of(layer)
+    present = tuple(n for n in names if n in slots.adapters)
+    stored = [slots.adapters[n] for n in present]
+    pad = layer.rank - sum(s.rank for s in stored)
+    a_parts = [s.a for s in stored]
+    b_parts = [s.b for s in stored]
+    scales = [np.full((s.rank,), s.scale, "float32") for s in stored]
+    if pad:
+        a_shape = tuple(layer.lora_a.shape[:-1]) + (pad,)
+        b_shape = (pad,) + tuple(layer.lora_b.shape[1:])
+        a_parts.append(ops.zeros(a_shape, layer.lora_a.dtype))
+        b_parts.append(ops.zeros(b_shape, layer.lora_b.dtype))
+        scales.append(np.zeros((pad,), "float32"))
+    # (*in, r_1) ... (*in, pad) -> (*in, slot_rank); B along its first axis
+    layer.lora_a.assign(_joined(a_parts, -1))
+    layer.lora_b.assign(_joined(b_parts, 0))
+    layer.adapter_scales.assign(np.concatenate(scales))
+    if slots.base_bias is not None:
+        biases = [s.bias for s in stored if s.bias is not None]
+        if len(biases) == 1:
+            layer.bias.assign(biases[0])
+        else:
+            base = _numpy(slots.base_bias)
+            # base + sum of each adapter's change to it
+            total = base + sum((_numpy(b) - base for b in biases), 0)
+            slots.filled_bias = total.astype(base.dtype)
+            layer.bias.assign(slots.filled_bias)
+    slots.active = present
+
+
+def _joined(parts, axis):
+    if len(parts) == 1:
+        return parts[0]
+    return ops.concatenate([ops.convert_to_tensor(p) for p in parts], axis=axis)
+
+
+def reset_compiled(model):
+    """Drops a model's traced train/test/predict functions (the next call
+    traces anew), and rebuilds torch's parameter lists."""
+    for attr in ("train_function", "test_function", "predict_function"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    _tree.retrack(model)

@@ -1,0 +1,381 @@
+"""Many adapters on one base: named adapters, switched without rebuilding.
+
+A model from `apply_lora` holds one adapter, named `"default"`. After
+`add_adapter` (or `load_adapters(..., name=...)`) its LoRA layers hold
+several, each with its own rank, alpha, targets, factors and (when the
+layer trains its bias) bias; `set_adapter` chooses which one (or which sum)
+the model computes with, `disable_adapters` gives the base alone.
+
+- Switching only assigns values (see `_adapter_slots.py`): no layer is
+  rebuilt, and a traced `predict` / `fit` function is reused untraced.
+- Only the active adapter trains: the stored adapters and the base are not
+  trainable variables, so `fit` leaves them bit-identical.
+- Structural calls (`add_adapter`, a named `load_adapters`,
+  `combine_adapters`, and a `set_adapter` whose sum needs a wider slot than
+  any before) add variables and drop the model's traced functions; compile
+  again before `fit` if the slot grew (the optimizer holds the old slot).
+- Optimizer state belongs to the slot, not to an adapter: Adam's moments
+  from training one adapter carry over to the next one trained in the slot.
+  Compile again (a fresh optimizer) per task, as PEFT users create one.
+- The base's bias is the one `apply_lora` started from (for a LoRA model
+  built otherwise, e.g. loaded from a `.keras` file, the bias at the first
+  `add_adapter`). A layer no active adapter reaches computes with it; a
+  `fit` there moves it only until the next switch.
+- Deleting an active adapter is refused: switch away first.
+- A model holding several adapters refuses `.keras` / `save_weights`
+  saving by name; save each adapter with `save_adapters(..., name=...)`.
+
+Sources: Hugging Face PEFT `add_adapter`, `set_adapter`, `delete_adapter`,
+`disable_adapter` (`tuners/lora/model.py`); Sheng et al., "S-LoRA", 2023,
+arXiv:2311.03285.
+"""
+
+import contextlib
+import re
+import statistics
+import time
+
+import numpy as np
+
+from keras_lora import _adapter_slots as slots
+from keras_lora import _checks, _tree
+
+DEFAULT = "default"
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+__all__ = [
+    "active_adapters",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "list_adapters",
+    "set_adapter",
+    "time_switch",
+]
+
+
+def _layers(model):
+    return _tree.lora_layers(model)
+
+
+def _is_named(layers):
+    return any(slots.slots_of(layer) for layer in layers.values())
+
+
+def list_adapters(model):
+    """The names of the adapters `model` holds, in the order added."""
+    layers = _layers(model)
+    if not _is_named(layers):
+        return [DEFAULT]
+    names = {}
+    for layer in layers.values():
+        names.update(dict.fromkeys(slots.slots_of(layer).adapters))
+    return list(names)
+
+
+def active_adapters(model):
+    """The names of the adapters `model` computes with (their sum); `[]`
+    inside `disable_adapters`."""
+    layers = _layers(model)
+    if not _is_named(layers):
+        disabled = model.__dict__.get("_lora_disabled") is not None
+        return [] if disabled else [DEFAULT]
+    return list(model.__dict__["_lora_active"])
+
+
+def adapter_paths(model, name):
+    """`{path: layer}` of the LoRA layers holding adapter `name`."""
+    layers = _layers(model)
+    check_known(model, [name], "name")
+    if not _is_named(layers):
+        return layers
+    return {
+        p: x for p, x in layers.items() if name in slots.slots_of(x).adapters
+    }
+
+
+def check_name(name, argument="name"):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"Expected `{argument}` to be a non-empty string of letters, "
+            f"digits, '_', '.' or '-'. Received: {argument}={name!r}"
+        )
+
+
+def check_new(model, name, argument="name"):
+    check_name(name, argument)
+    if name in list_adapters(model):
+        raise ValueError(
+            f"Expected a new adapter name. Received: {argument}={name!r}, "
+            f"which the model already holds ({list_adapters(model)}); "
+            "delete it first with `delete_adapter`."
+        )
+
+
+def check_known(model, names, argument="name"):
+    known = list_adapters(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise KeyError(
+            f"Unknown adapter name(s) {unknown!r} in `{argument}`. "
+            f"The model holds: {known}."
+        )
+
+
+def _names(names):
+    """A name or a non-empty list of distinct names, as a tuple."""
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, tuple)) or not names:
+        raise TypeError(
+            "Expected `name` to be an adapter name or a non-empty list of "
+            f"names. Received: name={names!r}"
+        )
+    for n in names:
+        check_name(n)
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"Expected distinct adapter names. Received: name={names!r}"
+        )
+    return tuple(names)
+
+
+def _refuse_dora(layers):
+    dora = [p for p, x in layers.items() if getattr(x, "use_dora", False)]
+    if dora:
+        raise ValueError(
+            "Named adapters do not support DoRA layers (their magnitude is "
+            f"one per layer). Received: a model with use_dora=True at {dora}."
+        )
+
+
+def ensure_named(model):
+    """Makes every LoRA layer of `model` hold named adapters, its current
+    factors being `"default"` (structural: drops traced functions)."""
+    layers = _layers(model)
+    if _is_named(layers):
+        return layers
+    _refuse_dora(layers)
+    for layer in layers.values():
+        slots.enter(layer, DEFAULT)
+    model.__dict__["_lora_active"] = (DEFAULT,)
+    slots.reset_compiled(model)
+    return layers
+
+
+def sync(model):
+    """Writes the slots back to the adapters they hold."""
+    layers = _layers(model)
+    if _is_named(layers):
+        for layer in layers.values():
+            slots.write_back(layer)
+
+
+def _fill(model, names):
+    layers = _layers(model)
+    grown = False
+    for layer in layers.values():
+        slots.write_back(layer)
+        need = slots.needed_rank(layer, names)
+        if need > layer.rank:
+            slots.grow(layer, need)
+            grown = True
+        slots.fill(layer, names)
+    if grown:
+        slots.reset_compiled(model)
+
+
+def add_adapter(
+    model,
+    name,
+    rank=8,
+    alpha=None,
+    targets=None,
+    use_rslora=False,
+    lora_init="default",
+):
+    """Adds a new, inactive adapter `name` to a model with LoRA layers.
+
+    Its `lora_a` starts as each layer's own (`he_uniform`, a unit normal for
+    embeddings, or N(0, 1/rank) with `lora_init="gaussian"`), its `lora_b`
+    at zero and its bias (if the layer trains one) at the base's, so
+    activating it first gives the base's output.
+
+    Args:
+        model: A model with LoRA layers (from `apply_lora`).
+        name: New adapter name (letters, digits, `_`, `.`, `-`).
+        rank: Positive int.
+        alpha: Positive float or None (alpha = rank).
+        targets: None (every LoRA layer), a list of LoRA layer names or
+            paths, a regex string or a callable `layer -> bool`, as in
+            `apply_lora`.
+        use_rslora: Boolean, scale `alpha / sqrt(rank)`.
+        lora_init: `"default"` or `"gaussian"` (PiSSA changes the shared
+            base, so it is refused).
+
+    Returns:
+        The paths of the layers the adapter reaches.
+    """
+    from keras_lora.workflow import _matcher
+
+    layers = _layers(model)
+    check_new(model, name)
+    _checks.positive_int("rank", rank)
+    if alpha is not None:
+        _checks.positive_number("alpha", alpha)
+    _checks.boolean("use_rslora", use_rslora)
+    _checks.one_of("lora_init", lora_init, ("default", "gaussian"))
+    _refuse_dora(layers)
+    if isinstance(targets, (list, tuple, set)):
+        unknown = [
+            t
+            for t in targets
+            if t not in layers and t not in {x.name for x in layers.values()}
+        ]
+        if unknown:
+            raise ValueError(
+                f"Expected `targets` to name LoRA layers of the model. "
+                f"Received: targets={list(targets)!r}; no LoRA layer is "
+                f"named {unknown!r}. LoRA layers: {sorted(layers)}"
+            )
+    match = (lambda p, x: True) if targets is None else _matcher(targets)
+    selected = {p: x for p, x in layers.items() if match(p, x)}
+    if not selected:
+        raise ValueError(
+            f"Expected `targets` to match at least one LoRA layer. Received:"
+            f" targets={targets!r}. LoRA layers: {sorted(layers)}"
+        )
+    ensure_named(model)
+    sync(model)
+    alpha = float(rank if alpha is None else alpha)
+    for layer in selected.values():
+        a_init = layer.lora_a_initializer or layer.default_lora_a_initializer
+        if lora_init == "gaussian":
+            a_init = {
+                "class_name": "RandomNormal",
+                "config": {"stddev": rank**-0.5},
+            }
+        slots.add(layer, name, rank, alpha, use_rslora, lora_init, a_init)
+    refill(model, {p: rank for p in selected})
+    return sorted(selected)
+
+
+def refill(model, ranks):
+    """After a structural change: grows the slot of each layer `{path:
+    rank}` to at least that rank, refills the active adapters and drops
+    the model's traced functions. Call `sync` before the change."""
+    layers = _layers(model)
+    for path, rank in ranks.items():
+        if rank > layers[path].rank:
+            slots.grow(layers[path], rank)
+    active = active_adapters(model)
+    for layer in layers.values():
+        slots.fill(layer, active)
+    slots.reset_compiled(model)
+
+
+def set_adapter(model, name):
+    """Makes `model` compute with adapter `name`, or with the sum of a list
+    of adapters (each in the layers it targets). Only they train.
+
+    Values only: nothing is rebuilt and no traced function retraced, unless
+    the sum needs more rank than the layers' slot holds (then the slot
+    grows once; compile again before `fit`).
+    """
+    names = _names(name)
+    layers = _layers(model)
+    check_known(model, names)
+    if model.__dict__.get("_lora_disabled") is not None:
+        raise ValueError(
+            "Expected no `set_adapter` inside `disable_adapters`; leave the "
+            f"`with` block first. Received: name={name!r}"
+        )
+    if not _is_named(layers):
+        return  # only "default", already active
+    _fill(model, names)
+    model.__dict__["_lora_active"] = names
+
+
+def delete_adapter(model, name):
+    """Deletes the inactive adapter `name` (its variables leave the model).
+
+    Deleting an active adapter is refused (`ValueError`): switch to
+    another with `set_adapter` first.
+    """
+    check_name(name)
+    layers = _layers(model)
+    check_known(model, [name])
+    previous = model.__dict__.get("_lora_disabled")
+    active = active_adapters(model) + list(previous or ())
+    if name in active:
+        raise ValueError(
+            f"Cannot delete the active adapter {name!r} (active: "
+            f"{active}). Switch to another with `set_adapter` first."
+        )
+    for layer in layers.values():
+        if name in slots.slots_of(layer).adapters:
+            slots.remove(layer, name)
+    slots.reset_compiled(model)
+
+
+@contextlib.contextmanager
+def disable_adapters(model):
+    """Within the block, `model` computes with its base alone (every LoRA
+    update off, each bias the base's). On exit, even on an exception, the
+    previous adapters are back, as they were. Values only.
+
+    Example:
+
+    >>> with disable_adapters(model):  # doctest: +SKIP
+    ...     base_outputs = model.predict(x)
+    """
+    layers = _layers(model)
+    if model.__dict__.get("_lora_disabled") is not None:
+        raise ValueError("Adapters are already disabled on this model.")
+    _refuse_dora(layers)
+    if not _is_named(layers):
+        # One adapter: zero `lora_b`, the base's bias, then put them back.
+        saved = [(x.lora_b, slots._numpy(x.lora_b)) for x in layers.values()]
+        base = [x for x in layers.values() if slots.trains_bias(x)]
+        saved += [(x.bias, slots._numpy(x.bias)) for x in base]
+        model.__dict__["_lora_disabled"] = ()
+        try:
+            for variable, value in saved:
+                variable.assign(np.zeros_like(value))
+            for layer in base:
+                layer.bias.assign(slots.base_bias_of(layer))
+            yield model
+        finally:
+            for variable, value in saved:
+                variable.assign(value)
+            model.__dict__["_lora_disabled"] = None
+        return
+    previous = tuple(active_adapters(model))
+    _fill(model, ())
+    model.__dict__["_lora_active"] = ()
+    model.__dict__["_lora_disabled"] = previous
+    try:
+        yield model
+    finally:
+        model.__dict__["_lora_disabled"] = None
+        for layer in layers.values():
+            slots.fill(layer, previous)
+        model.__dict__["_lora_active"] = previous
+
+
+def time_switch(model, names=None, repeats=100):
+    """Median seconds of one `set_adapter` call, cycling through `names`
+    (default: every adapter the model holds), `repeats` times. The model
+    ends with the adapter it started with."""
+    names = list(names or list_adapters(model))
+    check_known(model, names, "names")
+    _checks.positive_int("repeats", repeats)
+    start = active_adapters(model)
+    times = []
+    for i in range(repeats):
+        target = names[i % len(names)]
+        begin = time.perf_counter()
+        set_adapter(model, target)
+        times.append(time.perf_counter() - begin)
+    set_adapter(model, start)
+    return statistics.median(times)
