@@ -19,6 +19,7 @@ import numpy as np
 
 from keras_lora import _checks, _tree
 from keras_lora.layers import LoRALayer, lora_class_for
+from keras_lora.layers.quantized import check_requantize, requantize_base
 
 # The query and value projections of Keras's MultiHeadAttention and of
 # keras-hub's attention layers: keras-hub's `enable_lora` defaults.
@@ -323,7 +324,7 @@ def apply_lora(
     return clone
 
 
-def merge_lora(model):
+def merge_lora(model, requantize=None):
     """Returns a copy of `model` with every LoRA layer merged into its base.
 
     Each LoRA layer becomes `layer.to_base()` (a Dense, EinsumDense,
@@ -332,8 +333,16 @@ def merge_lora(model):
     loads with plain Keras (and keras-hub for its models), without
     importing keras_lora. `model` is not changed, and nothing is built if
     any layer's merged weight is not finite.
+
+    A quantised base is dequantised and merged in float32. With
+    `requantize="int8"`, every merged Dense and Embedding is then quantised
+    by Keras (`layer.quantize("int8")`) and its `requantization_error`
+    attribute holds the relative Frobenius error of its weight that this
+    added; other LoRA kinds are refused before anything is built.
     """
     lora = _tree.lora_layers(model)
+    for layer in lora.values():
+        check_requantize(layer, requantize)
     merged = {path: (layer, layer.to_base()) for path, layer in lora.items()}
     # Swap the merged layers into `model` only while copying it, then put
     # its LoRA layers back, so the copy's config and weights are the base's.
@@ -342,4 +351,8 @@ def merge_lora(model):
         clone = copy_model(model)
     finally:
         _swap_all(model, {p: (new, old) for p, (old, new) in merged.items()})
+    if requantize is not None:
+        layers = dict(_tree.walk(clone))
+        for path in merged:
+            requantize_base(layers[path], requantize)
     return clone

@@ -12,6 +12,7 @@ from keras import ops
 from keras_lora.layers.quantized import check_requantize, requantize_base
 
 from keras_lora.layers import dora
+from keras_lora.layers.quantized import check_requantize, requantize_base
 
 LORA_KEYS = (
     "rank",

@@ -328,3 +328,34 @@ class QuantizedBase:
             )
         for name, variable in mine.items():
             variable.assign(store[name])
+
+
+def check_requantize(layer, requantize):
+    """Raises `ValueError` unless `requantize` is None, or "int8" for a
+    LoRA kind whose merged base Keras quantises in our int8 layout."""
+    if requantize is None:
+        return
+    if requantize != "int8" or not layer.keeps_keras_int8:
+        raise ValueError(
+            f"Expected requantize=None, or 'int8' for a LoRADense or "
+            f"LoRAEmbedding. Received: requantize={requantize!r} for "
+            f"{type(layer).__name__} '{layer.name}'."
+        )
+
+
+def requantize_base(base, mode):
+    """Quantises a merged float Dense or Embedding `base` with Keras's own
+    `quantize(mode)` and records the weight's relative Frobenius error,
+    `||dequantised - merged|| / ||merged||`, as `base.requantization_error`.
+    (Keras's int8 layers also quantise their inputs in the call.)"""
+    name = (
+        "embeddings" if isinstance(base, keras.layers.Embedding) else ("kernel")
+    )
+    merged = np.asarray(ops.convert_to_numpy(getattr(base, name)), "float64")
+    base.quantize(mode)
+    codes = np.asarray(ops.convert_to_numpy(getattr(base, name)), "float64")
+    scale = np.asarray(ops.convert_to_numpy(getattr(base, name + "_scale")))
+    scale = scale[:, None] if name == "embeddings" else scale[None, :]
+    error = np.linalg.norm(codes / scale - merged)
+    base.requantization_error = float(error / np.linalg.norm(merged))
+    return base
