@@ -9,8 +9,6 @@ the base layer is lost either way, and no buffer is shared.
 import numpy as np
 from keras import ops
 
-from keras_lora.layers.quantized import check_requantize, requantize_base
-
 from keras_lora.layers import dora
 from keras_lora.layers.quantized import check_requantize, requantize_base
 
