@@ -44,9 +44,15 @@ def check_supported(cls, use_dora):
 
 def column_norms(layer):
     """`||W + scale * A @ B||_c`: one float32 norm per output column of the
-    (in, out) matrix view, shape `(out_features,)`."""
+    (in, out) matrix view, shape `(out_features,)`.
+
+    `W` is taken in the compute dtype, as the call multiplies by it (under
+    mixed precision Keras reads it so inside the call), so the norm is the
+    same inside and outside the call and a fresh layer is exact.
+    """
+    kernel = ops.cast(layer.kernel_matrix(), layer.compute_dtype)
     matrix = ops.add(
-        ops.cast(layer.kernel_matrix(), "float32"),
+        ops.cast(kernel, "float32"),
         ops.cast(layer.delta_matrix(), "float32"),
     )
     # (in, out) -> (out,)
@@ -70,8 +76,13 @@ def add_magnitude(layer, units_shape):
         norms = ops.reshape(column_norms(layer), shape)
         return ops.cast(norms, dtype or "float32")
 
+    # float32 inside the call too (no autocast): m / norm is exactly 1 at
+    # the start under mixed precision, then rounds once to the output dtype.
     layer.lora_magnitude = layer.add_weight(
-        name=MAGNITUDE, shape=tuple(units_shape), initializer=initializer
+        name=MAGNITUDE,
+        shape=tuple(units_shape),
+        initializer=initializer,
+        autocast=False,
     )
 
 
@@ -107,9 +118,9 @@ def merged_matrix(layer):
         ops.cast(layer.kernel_matrix(), "float32"),
         ops.cast(layer.delta_matrix(), "float32"),
     )
-    norms = ops.sqrt(ops.sum(ops.square(matrix), axis=0))
+    factor = _factor(layer, column_norms(layer))
     # (in, out) * (1, out) -> (in, out)
-    return ops.multiply(matrix, ops.expand_dims(_factor(layer, norms), 0))
+    return ops.multiply(matrix, ops.expand_dims(factor, 0))
 
 
 def einsum_layout(output_letters, kernel_output_letters, dims, side, ndim):
