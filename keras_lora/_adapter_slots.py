@@ -60,6 +60,7 @@ class Slots:
         self.active = ()  # the names in the slot, in order
         self.base_bias = base_bias  # variable, or None
         self.filled_bias = None  # the bias written for several adapters
+        self.scales = None  # the scales last written
 
 
 def slots_of(layer):
@@ -231,19 +232,24 @@ def grow(layer, rank):
             tracker.lock()
     layer.rank = rank
     slots_of(layer).active = ()
+    slots_of(layer).scales = None
 
 
 def write_back(layer):
     """Copies the slot's factors (and bias) to the active adapters."""
     slots = slots_of(layer)
     offset = 0
-    a_slot = ops.convert_to_tensor(layer.lora_a)
-    b_slot = ops.convert_to_tensor(layer.lora_b)
+    a_slot, b_slot = layer.lora_a, layer.lora_b
+    full = len(slots.active) == 1
+    full = full and slots.adapters[slots.active[0]].rank == layer.rank
+    if not full:  # slices of the slot, else the slot itself
+        a_slot = ops.convert_to_tensor(a_slot)
+        b_slot = ops.convert_to_tensor(b_slot)
     for name in slots.active:
         stored = slots.adapters[name]
         end = offset + stored.rank
-        stored.a.assign(a_slot[..., offset:end])
-        stored.b.assign(b_slot[offset:end])
+        stored.a.assign(a_slot if full else a_slot[..., offset:end])
+        stored.b.assign(b_slot if full else b_slot[offset:end])
         offset = end
     holders = [n for n in slots.active if slots.adapters[n].bias is not None]
     if len(holders) == 1:
@@ -276,7 +282,10 @@ def fill(layer, names):
     # (*in, r_1) ... (*in, pad) -> (*in, slot_rank); B along its first axis
     layer.lora_a.assign(_joined(a_parts, -1))
     layer.lora_b.assign(_joined(b_parts, 0))
-    layer.adapter_scales.assign(np.concatenate(scales))
+    scales = np.concatenate(scales)
+    if slots.scales is None or not np.array_equal(scales, slots.scales):
+        layer.adapter_scales.assign(scales)
+        slots.scales = scales
     if slots.base_bias is not None:
         biases = [s.bias for s in stored if s.bias is not None]
         if len(biases) == 1:
