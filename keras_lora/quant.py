@@ -185,34 +185,35 @@ def _unpack(packed, axis):
     low = ops.bitwise_and(packed, 15)
     high = ops.right_shift(packed, 4)
     # (.., n/2, ..) -> (.., n/2, 2, ..) -> (.., n, ..): low nibble first
-    stacked = ops.stack([low, high], axis=axis + 1 if axis >= 0 else -1)
-    shape = list(packed.shape)
-    shape[axis] = shape[axis] * 2
-    return ops.reshape(ops.cast(stacked, "int32"), shape)
+    stacked = ops.cast(ops.stack([low, high], axis=axis + 1), "int32")
+    if axis == 0:
+        return ops.reshape(stacked, (-1, packed.shape[1]))
+    return ops.reshape(stacked, (-1, 2 * packed.shape[1]))
 
 
 def dequantize(mode, codes, scale, length, axis=0):
     """Float32 weight from stored `codes` and float `scale`, in keras.ops.
 
-    `axis` is 0 for a `(n, cols)` matrix, or -1 for rows `(..., n)` (an
-    embedding's gathered rows, whose scales are `(...)` for int8 and
-    `(..., blocks)` for NF4); `length` is the unpadded `n`.
+    `axis` is 0 for a `(n, cols)` matrix, or 1 for rows `(rows, n)` (an
+    embedding's gathered rows, whose scales are `(rows,)` for int8 and
+    `(rows, blocks)` for NF4); `length` is the unpadded `n`.
     """
     if mode == "int8":
         values = ops.cast(codes, "float32")
-        scale = scale if axis == 0 else ops.expand_dims(scale, -1)
+        scale = scale if axis == 0 else ops.expand_dims(scale, 1)
         return ops.divide(values, scale)
     levels = ops.take(ops.convert_to_tensor(NF4_LEVELS), _unpack(codes, axis))
-    shape = list(levels.shape)
     if axis == 0:
+        cols = codes.shape[1]
         # (n, cols) -> (blocks, 64, cols) * (blocks, 1, cols)
-        blocked = ops.reshape(levels, (-1, NF4_BLOCK, shape[-1]))
-        values = ops.reshape(blocked * ops.expand_dims(scale, 1), shape)
-        return values[:length]
-    # (..., n) -> (..., blocks, 64) * (..., blocks, 1)
-    blocked = ops.reshape(levels, shape[:-1] + [-1, NF4_BLOCK])
-    values = ops.reshape(blocked * ops.expand_dims(scale, -1), shape)
-    return values[..., :length]
+        blocked = ops.reshape(levels, (-1, NF4_BLOCK, cols))
+        values = blocked * ops.expand_dims(scale, 1)
+        return ops.reshape(values, (-1, cols))[:length]
+    # (rows, n) -> (rows, blocks, 64) * (rows, blocks, 1)
+    n = 2 * codes.shape[1]
+    blocked = ops.reshape(levels, (-1, n // NF4_BLOCK, NF4_BLOCK))
+    values = blocked * ops.expand_dims(scale, -1)
+    return ops.reshape(values, (-1, n))[:, :length]
 
 
 def base_storage_bytes(layer):

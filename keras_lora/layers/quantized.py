@@ -142,9 +142,9 @@ class QuantizedBase:
         )
         fan_in = self._matrix_shape()[self.quant_axis]
         codes = ops.convert_to_tensor(self.frozen_weight)
-        if self.quant_axis == 0:
-            return quant.dequantize(self.base_dtype, codes, scale, fan_in)
-        return quant.dequantize(self.base_dtype, codes, scale, fan_in, -1)
+        return quant.dequantize(
+            self.base_dtype, codes, scale, fan_in, self.quant_axis
+        )
 
     def _matrix_shape(self):
         shape = self.frozen_shape
@@ -192,16 +192,19 @@ class QuantizedBase:
         table = self.frozen_weight
         if self.base_dtype not in quant.INT_MODES:
             return ops.take(table, ids, axis=0)
-        codes = ops.take(table, ids, axis=0)
+        flat = ops.reshape(ids, (-1,))
+        # take((vocab, stored), (N,)) -> (N, stored)
+        codes = ops.take(table, flat, axis=0)
         scale = quant.dequantize_scale(
             self._stored("_scale"),
             self._stored("_scale_scale"),
             self._stored("_scale_offset"),
         )
-        scale = ops.take(scale, ids, axis=0)
-        rows = quant.dequantize(
-            self.base_dtype, codes, scale, self.frozen_shape[1], -1
-        )
+        scale = ops.take(scale, flat, axis=0)
+        dim = self.frozen_shape[1]
+        rows = quant.dequantize(self.base_dtype, codes, scale, dim, 1)
+        # (N, dim) -> (*ids, dim)
+        rows = ops.reshape(rows, tuple(ops.shape(ids)) + (dim,))
         return ops.stop_gradient(rows)
 
     def stored_fingerprint(self):
