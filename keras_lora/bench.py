@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from keras_lora import _bench_device, _bench_stats
+from keras_lora import _bench_base_dtype, _bench_device, _bench_stats
 from keras_lora._argtypes import UsageError, pair, positive_int
 from keras_lora._bench_core import (
     EQUATION,
@@ -164,6 +164,19 @@ def add_arguments(parser):
         metavar="N",
         help="mixed-batch serving of N adapters against N merged models "
         "(e.g. --serve 1 4 16; see keras_lora._bench_serve)",
+    )
+    parser.add_argument(
+        "--base-dtype",
+        nargs="+",
+        choices=_bench_base_dtype.MODES,
+        help="instead: LoRADense on a frozen base stored in these dtypes "
+        "against the float32 base (time, bytes per parameter, memory)",
+    )
+    parser.add_argument(
+        "--dora",
+        action="store_true",
+        help="instead: DoRA against plain LoRA on the same stack (train "
+        "step and inference ratios; see keras_lora._bench_dora)",
     )
     parser.add_argument(
         "--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS
@@ -323,6 +336,12 @@ def run(args):
     args = with_defaults(args)
     if args.memory_probe:
         return memory_probe(args)
+    if args.dora:
+        from keras_lora import _bench_dora
+
+        return _bench_dora.run(args)
+    if args.base_dtype:
+        return _bench_base_dtype.run(args)
     if args.serve:
         from keras_lora import _bench_serve
 

@@ -3,6 +3,8 @@
 Subcommands:
 - `compare`: the parameter table of a Dense chain against its LoRA twin.
 - `bench`: the speed and memory benchmark (see `keras_lora.bench`).
+- `capacity`: the largest stack a memory budget trains (see
+  `keras_lora.capacity`).
 - `digits`: the fine-tuning experiment (see `keras_lora.digits`).
 - `transfer`: LoRA on a transformer (see `keras_lora.transfer`).
 - `rank-report`: the singular-value report of one layer (or of its update).
@@ -126,6 +128,18 @@ def _add_bench(subparsers):
         subparsers.add_parser(
             "bench",
             help="time and measure Dense, Keras LoRA, LoRADense and merged",
+        )
+    )
+
+
+def _add_capacity(subparsers):
+    from keras_lora import capacity
+
+    capacity.add_arguments(
+        subparsers.add_parser(
+            "capacity",
+            help="the largest stack that trains in a memory budget: full, "
+            "LoRA on a float32, int8 and NF4 base (extrapolated)",
         )
     )
 
@@ -290,6 +304,7 @@ def build_parser():
     )
     _add_compare(subparsers)
     _add_bench(subparsers)
+    _add_capacity(subparsers)
     _add_digits(subparsers)
     _add_transfer(subparsers)
     _add_rank_report(subparsers)
