@@ -408,3 +408,17 @@ def test_adapter_files_from_before_dora_still_load(tmp_path):
     load_adapters(fresh, path)
     x = rng.normal(size=(2, 4, 6)).astype("float32")
     np.testing.assert_array_equal(_np(fresh(x)), _np(model(x)))
+
+
+@pytest.mark.parametrize("base_dtype", ["int8", "nf4"])
+def test_quantized_base_starts_exact(base_dtype):
+    # m comes from the stored (dequantised) kernel, so a fresh DoRA layer
+    # computes what plain LoRA on the same stored base computes.
+    dense = keras.layers.Dense(8)
+    dense.build((None, 64))
+    x = np.random.default_rng(9).normal(size=(3, 64)).astype("float32")
+    dora = LoRADense.from_dense(
+        dense, rank=2, base_dtype=base_dtype, use_dora=True
+    )
+    plain = LoRADense.from_dense(dense, rank=2, base_dtype=base_dtype)
+    np.testing.assert_array_equal(_np(dora(x)), _np(plain(x)))
