@@ -248,12 +248,12 @@ def write_back(layer):
     for name in slots.active:
         stored = slots.adapters[name]
         end = offset + stored.rank
-        stored.a.assign(a_slot if full else a_slot[..., offset:end])
-        stored.b.assign(b_slot if full else b_slot[offset:end])
+        stored.a.assign(_copy(a_slot) if full else a_slot[..., offset:end])
+        stored.b.assign(_copy(b_slot) if full else b_slot[offset:end])
         offset = end
     holders = [n for n in slots.active if slots.adapters[n].bias is not None]
     if len(holders) == 1:
-        slots.adapters[holders[0]].bias.assign(layer.bias)
+        slots.adapters[holders[0]].bias.assign(_copy(layer.bias))
     elif len(holders) > 1:
         # Several adapters share the trained bias: its change since the
         # fill goes to the first of them.
@@ -289,7 +289,7 @@ def fill(layer, names):
     if slots.base_bias is not None:
         biases = [s.bias for s in stored if s.bias is not None]
         if len(biases) == 1:
-            layer.bias.assign(biases[0])
+            layer.bias.assign(_copy(biases[0]))
         else:
             base = _numpy(slots.base_bias)
             # base + sum of each adapter's change to it
@@ -299,9 +299,15 @@ def fill(layer, names):
     slots.active = present
 
 
+def _copy(variable):
+    """A copy of `variable`'s value: JAX would otherwise share one buffer
+    between two variables, which a train step may not donate twice."""
+    return ops.copy(ops.convert_to_tensor(variable))
+
+
 def _joined(parts, axis):
     if len(parts) == 1:
-        return parts[0]
+        return _copy(parts[0])
     return ops.concatenate([ops.convert_to_tensor(p) for p in parts], axis=axis)
 
 

@@ -44,8 +44,12 @@ def _trained(base, seed, **kwargs):
     return _randomize(apply_lora(base, **kwargs), seed)
 
 
+def _np(x, dtype="float32"):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype)
+
+
 def _predict(model):
-    return np.asarray(model(X))
+    return _np(model(X))
 
 
 def _values(model):
@@ -141,7 +145,7 @@ def _numpy_forward(base, updates, biases):
     h = X.astype("float64")
     dense = [x for x in base.layers if isinstance(x, keras.layers.Dense)]
     for i, layer in enumerate(dense):
-        kernel = np.asarray(layer.kernel, "float64") + updates[layer.name]
+        kernel = _np(layer.kernel, "float64") + updates[layer.name]
         h = h @ kernel + biases[layer.name]
         h = np.maximum(h, 0) if i < len(dense) - 1 else _softmax(h)
     return h
@@ -156,8 +160,8 @@ def _update(model):
     """`{layer name: scale * A @ B}` of a single-adapter model."""
     out = {}
     for layer in _tree.lora_layers(model).values():
-        a = np.asarray(layer.lora_a, "float64")
-        b = np.asarray(layer.lora_b, "float64")
+        a = _np(layer.lora_a, "float64")
+        b = _np(layer.lora_b, "float64")
         out[layer.name] = layer.scale * a @ b
     return out
 
@@ -169,10 +173,10 @@ def test_sum_of_adapters_equals_explicit_sum(two):
     ua, ub = _update(a), _update(b)
     biases = {}
     for layer in _tree.lora_layers(a).values():
-        base_bias = np.asarray(base.get_layer(layer.name).bias, "float64")
+        base_bias = _np(base.get_layer(layer.name).bias, "float64")
         # Each adapter's bias change adds to the base's bias.
-        bias_a = np.asarray(layer.bias, "float64")
-        bias_b = np.asarray(b.get_layer(layer.name).bias, "float64")
+        bias_a = _np(layer.bias, "float64")
+        bias_b = _np(b.get_layer(layer.name).bias, "float64")
         biases[layer.name] = bias_a + bias_b - base_bias
     expected = _numpy_forward(base, {k: ua[k] + ub[k] for k in ua}, biases)
     np.testing.assert_allclose(_predict(model), expected, rtol=1e-4, atol=1e-6)
@@ -207,7 +211,7 @@ def test_fit_trains_only_the_active_adapter(two):
     set_adapter(model, "b")
     frozen = {
         **_stored(model, "default"),
-        **{w.path: np.array(w) for w in model.non_trainable_weights},
+        **{w.path: _np(w) for w in model.non_trainable_weights},
     }
     frozen = {k: v for k, v in frozen.items() if "adapter_b" not in k}
     frozen = {k: v for k, v in frozen.items() if "adapter_scales" not in k}
@@ -217,7 +221,7 @@ def test_fit_trains_only_the_active_adapter(two):
     set_adapter(model, "default")  # writes b back
     after = {
         **_stored(model, "default"),
-        **{w.path: np.array(w) for w in model.non_trainable_weights},
+        **{w.path: _np(w) for w in model.non_trainable_weights},
     }
     for key, value in frozen.items():
         np.testing.assert_array_equal(after[key], value, err_msg=key)
@@ -229,8 +233,8 @@ def test_fit_trains_only_the_active_adapter(two):
 
 
 @pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="counts TensorFlow traces of a compiled predict/train function",
+    keras.backend.backend() == "torch",
+    reason="torch runs `call` eagerly: there is no traced function to count",
 )
 def test_switching_does_not_retrace(two):
     _, model, a, b = two
@@ -309,8 +313,8 @@ def _layer_updates(model, name):
     out = {}
     for path, layer in _tree.lora_layers(model).items():
         stored = layer.__dict__["_named_adapters"].adapters[name]
-        a = np.asarray(stored.a, "float64").reshape(-1, stored.rank)
-        b = np.asarray(stored.b, "float64").reshape(stored.rank, -1)
+        a = _np(stored.a, "float64").reshape(-1, stored.rank)
+        b = _np(stored.b, "float64").reshape(stored.rank, -1)
         out[path] = stored.scale * a @ b
     return out
 
@@ -318,7 +322,7 @@ def _layer_updates(model, name):
 def _active_delta(model, name):
     set_adapter(model, name)
     return {
-        p: np.asarray(x.delta_matrix(), "float64")
+        p: _np(x.delta_matrix(), "float64")
         for p, x in _tree.lora_layers(model).items()
     }
 
@@ -373,13 +377,14 @@ def test_keras_hub_bert_backbone():
     save_adapters(other, path)
     load_adapters(model, path, name="b")
     set_adapter(model, "b")
-    got = model(inputs)["sequence_output"]
+    got = _np(model(inputs)["sequence_output"])
     np.testing.assert_allclose(
-        got, other(inputs)["sequence_output"], rtol=1e-4, atol=1e-5
+        got, _np(other(inputs)["sequence_output"]), rtol=1e-4, atol=1e-5
     )
     with disable_adapters(model):
         np.testing.assert_array_equal(
-            model(inputs)["sequence_output"], base(inputs)["sequence_output"]
+            _np(model(inputs)["sequence_output"]),
+            _np(base(inputs)["sequence_output"]),
         )
     assert time_switch(model, repeats=3) > 0
 
@@ -399,9 +404,11 @@ def test_other_layer_kinds(tmp_path):
     save_adapters(other, tmp_path / "o.lora.h5")
     load_adapters(model, tmp_path / "o.lora.h5", name="o")
     set_adapter(model, "o")
-    np.testing.assert_allclose(model(ids), other(ids), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _np(model(ids)), _np(other(ids)), rtol=1e-5, atol=1e-6
+    )
     with disable_adapters(model):
-        np.testing.assert_array_equal(model(ids), base(ids))
+        np.testing.assert_array_equal(_np(model(ids)), _np(base(ids)))
 
 
 # Bad input: the right error, naming the problem, and nothing changes.
