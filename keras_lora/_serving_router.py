@@ -126,7 +126,12 @@ def _ids_of(x):
 @keras.saving.register_keras_serializable(package="keras_lora")
 class MultiAdapterModel(keras.Model):
     """The serving model `build_multi_adapter_model` returns: a Functional
-    model whose `predict` checks array adapter ids before running."""
+    model whose calls check array adapter ids before running (a float id
+    would otherwise be cast to int32 by the input layer)."""
+
+    def __call__(self, *args, **kwargs):
+        self._check(args[0] if args else kwargs.get("inputs"))
+        return super().__call__(*args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         self._check(x)
