@@ -53,6 +53,7 @@ from keras_lora.serving import (
     MultiAdapterModel,
     build_multi_adapter_model,
 )
+from keras_lora.sharding import lora_layout_map
 from keras_lora.workflow import apply_lora, copy_model, merge_lora
 
 __version__ = "0.1.0"
@@ -92,6 +93,7 @@ __all__ = [
     "kernel_fingerprint",
     "load_adapters",
     "load_peft_adapters",
+    "lora_layout_map",
     "lora_parameter_count",
     "merge_lora",
     "print_trainable_parameters",

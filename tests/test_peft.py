@@ -116,7 +116,9 @@ def _keras_hidden(backbone):
 def _train(backbone, steps=4):
     x = {"token_ids": IDS, "padding_mask": np.ones_like(IDS)}
     y = np.random.default_rng(1).normal(size=(2, 7, 32)).astype("float32")
-    backbone.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    backbone.compile(
+        optimizer=keras.optimizers.Adam(0.01), loss="mse", run_eagerly=True
+    )
     backbone.fit(x, y, epochs=steps, batch_size=2, verbose=0)
 
 
