@@ -292,12 +292,12 @@ def test_delete_adapter(two):
     assert len(model.weights) == count - 3 * 3  # a, b, bias per layer
 
 
-def test_larger_rank_grows_the_slot_and_still_fits(two):
+def test_larger_rank_grows_the_slot_and_still_fits(two, tmp_path):
     base, model, _, _ = two
     big = _trained(base, 5, rank=6)
     add_adapter(model, "big", rank=6)
     delete_adapter(model, "big")
-    path = "big.lora.h5"
+    path = tmp_path / "big.lora.h5"
     save_adapters(big, path)
     load_adapters(model, path, name="big")
     set_adapter(model, "big")
@@ -355,7 +355,7 @@ def test_combine_svd_is_the_best_rank_k_approximation(two, rank):
             np.testing.assert_allclose(got[path], total, rtol=1e-4, atol=1e-5)
 
 
-def test_keras_hub_bert_backbone():
+def test_keras_hub_bert_backbone(tmp_path):
     keras_hub = pytest.importorskip("keras_hub")
     keras.utils.set_random_seed(0)
     base = keras_hub.models.BertBackbone(
@@ -373,7 +373,7 @@ def test_keras_hub_bert_backbone():
     }
     model = apply_lora(base, rank=2, targets="attention_qv")
     other = _trained(base, 3, rank=4, targets="attention_qv")
-    path = "bert_b.lora.h5"
+    path = tmp_path / "bert_b.lora.h5"
     save_adapters(other, path)
     load_adapters(model, path, name="b")
     set_adapter(model, "b")
