@@ -416,3 +416,68 @@ def test_apply_lora_forwards_base_dtype_to_every_kind(mode):
     assert _rel(lora(ids), base(ids)) < (0.01 if mode == "int8" else 0.2)
     for w, b in zip(base.weights, before):
         np.testing.assert_array_equal(_np(w), b)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="a TensorFlow graph traced with an unknown batch size",
+)
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_embedding_rows_trace_with_an_unknown_batch_size(mode):
+    import tensorflow as tf
+
+    layer = LoRAEmbedding(40, 64, rank=2, base_dtype=mode, double_quant=False)
+    layer.build()
+    spec = tf.TensorSpec((None, 6), tf.int32)
+    traced = tf.function(lambda ids: layer(ids), input_signature=[spec])
+    ids = np.random.default_rng(0).integers(0, 40, size=(3, 6)).astype("int32")
+    np.testing.assert_array_equal(_np(traced(ids)), _np(layer(ids)))
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_embedding_table_quantised_along_rows_and_from_weights(mode):
+    table = _heavy_tailed((30, 100), seed=4)
+    layer = LoRAEmbedding(30, 100, rank=2, base_dtype=mode, weights=table)
+    got = _np(layer.kernel_matrix())
+    # rows are the scale axis: the bounds of a (100, 30) kernel, transposed
+    bound = (_int8_bound if mode == "int8" else _nf4_bound)(table.T).T
+    assert np.all(np.abs(got - table) <= bound + 1e-6)
+    ids = np.array([[0, 29, 5]])
+    np.testing.assert_allclose(_np(layer(ids))[0], got[[0, 29, 5]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_conv_and_reversible_embedding_take_an_integer_base(mode):
+    from keras_lora.layers import LoRAConv2D, LoRAReversibleEmbedding
+
+    conv = keras.layers.Conv2D(4, 3)
+    x = _gaussian((2, 5, 5, 8))
+    conv(x)
+    lora = LoRAConv2D.from_base(conv, rank=2, base_dtype=mode)
+    w = _np(conv.kernel).reshape(-1, 4)  # (3 * 3 * 8, 4)
+    bound = (_int8_bound if mode == "int8" else _nf4_bound)(w)
+    assert np.all(np.abs(_np(lora.kernel_matrix()) - w) <= bound + 1e-6)
+    expected = keras.ops.conv(x, lora.dequantized_frozen_weight())
+    np.testing.assert_allclose(
+        _np(lora(x)), _np(expected) + _np(conv.bias), rtol=1e-5, atol=1e-5
+    )
+    rev = keras.layers.ReversibleEmbedding(20, 64)
+    rev.build()
+    lora = LoRAReversibleEmbedding.from_base(rev, rank=2, base_dtype=mode)
+    h = _gaussian((3, 64))
+    table = _np(lora.kernel_matrix())
+    np.testing.assert_allclose(
+        _np(lora(h, reverse=True)), h @ table.T, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("mode", ["bfloat16", "nf4"])
+def test_mixed_bfloat16_policy_computes_in_bfloat16(mode):
+    layer = LoRADense(8, rank=2, base_dtype=mode, dtype="mixed_bfloat16")
+    y = layer(_gaussian((4, 64)))
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    assert layer.lora_a.dtype == "float32"
+    reference = _gaussian((4, 64)) @ _np(layer.kernel_matrix()) + _np(
+        layer.bias
+    )
+    np.testing.assert_allclose(_np(y).astype("float32"), reference, atol=0.1)
