@@ -49,6 +49,7 @@ from keras_lora.peft_io import (
     read_peft_adapters,
     save_peft_adapters,
 )
+from keras_lora.quant import base_bytes_per_parameter, base_storage_bytes
 from keras_lora.serving import (
     MultiAdapterModel,
     build_multi_adapter_model,
@@ -75,6 +76,8 @@ __all__ = [
     "add_adapter",
     "apply_adapters",
     "apply_lora",
+    "base_bytes_per_parameter",
+    "base_storage_bytes",
     "copy_model",
     "layer_matrix",
     "list_adapters",
