@@ -53,8 +53,9 @@ def _check(table, lora):
             )
         else:
             mapped[path] = found
-    if len({layer.use_rslora for layer in lora.values()}) > 1:
-        problems.append("use_rslora differs between layers; PEFT has one")
+    for flag in ("use_rslora", "use_dora"):
+        if len({getattr(x, flag, False) for x in lora.values()}) > 1:
+            problems.append(f"{flag} differs between layers; PEFT has one")
     if problems:
         raise ValueError(
             "Expected LoRA layers a PEFT adapter can describe. Received "
@@ -85,6 +86,10 @@ def peft_files(model, base_model_name_or_path=None):
         tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(
             np.reshape(b, (layer.rank, -1)).T
         )
+        if getattr(layer, "use_dora", False):
+            m = ops.convert_to_numpy(ops.cast(layer.lora_magnitude, "float32"))
+            # (*output axes) -> (out,)
+            tensors[f"{key}.lora_magnitude_vector"] = np.reshape(m, (-1,))
     modules = sorted({module for _, module in mapped.values()})
     blocks = range(getattr(model, "num_layers", 0))
     if set(mapped.values()) == {(i, m) for i in blocks for m in modules}:
@@ -114,7 +119,7 @@ def peft_files(model, base_model_name_or_path=None):
         "lora_dropout": _most_common(x.dropout for x in lora.values()),
         "fan_in_fan_out": False,
         "bias": "none",
-        "use_dora": False,
+        "use_dora": bool(getattr(first, "use_dora", False)),
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,

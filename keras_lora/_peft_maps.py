@@ -126,11 +126,12 @@ GEMMA = PeftMap(
 MAPS = (LLAMA, MISTRAL, QWEN, GEMMA)
 
 # PEFT's keys: [prefix.]model.layers.{i}.{parent}.{module}.lora_{A,B}.weight
+# and, with DoRA, ...{module}.lora_magnitude_vector
 # (the prefix is "base_model.model." for a PeftModel; a bare `LlamaModel`
 # base has no inner "model.").
 KEY = re.compile(
     r"(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(\w+)\.(\w+)"
-    r"\.lora_(A|B)\.weight"
+    r"\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)"
 )
 
 

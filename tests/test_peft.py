@@ -126,7 +126,8 @@ def _factors(model):
     return {
         f"{p}/{w.name}": keras.ops.convert_to_numpy(w)
         for p, layer in _tree.find(model, LoRALayer).items()
-        for w in (layer.lora_a, layer.lora_b)
+        for w in layer.weights
+        if w.name.startswith("lora_")  # lora_a, lora_b, lora_magnitude
     }
 
 
@@ -158,6 +159,7 @@ CASES = {
         "alpha_pattern": {"o_proj": 3},
         "use_rslora": True,
     },
+    "dora": {"use_dora": True, "rank_pattern": {"v_proj": 2}},
 }
 
 
@@ -213,13 +215,14 @@ def test_import_other_architectures(bases, tmp_path, arch):
         )
 
 
-@pytest.mark.parametrize("source", ["imported", "apply_lora"])
+@pytest.mark.parametrize("source", ["imported", "dora", "apply_lora"])
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
 def test_export_after_training_loads_in_peft(bases, tmp_path, arch, source):
     folder, table = bases(arch), ARCHS[arch][3]
     backbone = _backbone(arch, folder)
-    if source == "imported":
-        _peft_adapter(_hf(arch, folder), tmp_path / "in", **CASES["patterns"])
+    if source in ("imported", "dora"):
+        case = CASES["patterns" if source == "imported" else "dora"]
+        _peft_adapter(_hf(arch, folder), tmp_path / "in", **case)
         lora = load_peft_adapters(backbone, tmp_path / "in")
     else:  # some layers of one block only, per-layer ranks: a regex target
         q, v = table.keras_path(0, "q_proj"), table.keras_path(0, "v_proj")
@@ -420,3 +423,25 @@ def test_reading_needs_no_torch(bases, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "14"
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Adapters from and for PEFT", 1)[1]
+    block = re.search(r"```py\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    lora, served, x = namespace["lora"], namespace["served"], namespace["x"]
+    assert len(_tree.find(lora, LoRALayer)) == 4
+    with torch.no_grad():
+        ids = torch.tensor(x["token_ids"], dtype=torch.long)
+        hidden = served.base_model.model.model(input_ids=ids)
+    np.testing.assert_allclose(
+        hidden.last_hidden_state.numpy(),
+        keras.ops.convert_to_numpy(lora(x)),
+        atol=1e-4,
+    )
