@@ -28,8 +28,13 @@ X = np.random.default_rng(0).normal(size=(6, 10)).astype("float32")
 
 
 def _base(seed=0):
+    """The pretrained model, its biases non-zero."""
     keras.utils.set_random_seed(seed)
-    return build_baseline_model(input_dim=10, units=(12, 8, 4), compile=False)
+    base = build_baseline_model(input_dim=10, units=(12, 8, 4), compile=False)
+    rng = np.random.default_rng(seed + 100)
+    for layer in base.layers[1:]:
+        layer.bias.assign(rng.normal(size=layer.bias.shape).astype("float32"))
+    return base
 
 
 def _randomize(model, seed):
@@ -216,6 +221,8 @@ def test_fit_trains_only_the_active_adapter(two):
     frozen = {k: v for k, v in frozen.items() if "adapter_b" not in k}
     frozen = {k: v for k, v in frozen.items() if "adapter_scales" not in k}
     b_before = _stored(model, "b")
+    trainable = sorted(w.name for w in model.trainable_weights)
+    assert trainable == sorted(["lora_a", "lora_b", "bias"] * 3)
     model.compile(keras.optimizers.Adam(0.05), "mse")
     model.fit(X, np.ones((6, 4)), epochs=3, verbose=0)
     set_adapter(model, "default")  # writes b back
