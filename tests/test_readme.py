@@ -53,6 +53,12 @@ def test_python_examples_run(tmp_path, monkeypatch, capsys):
         rtol=1e-5,
         atol=1e-5,
     )
+    # Mixed-batch serving: id -1 rows are the base's, the others are not.
+    served, ids = namespace["outputs"], namespace["batch_ids"]
+    base_out = np.asarray(namespace["task_base"](namespace["batch_x"]))
+    np.testing.assert_allclose(served[ids == -1], base_out[ids == -1], 1e-5)
+    assert not np.allclose(served[ids >= 0], base_out[ids >= 0])
+    assert (tmp_path / "serving_savedmodel" / "saved_model.pb").is_file()
 
 
 def _compare(capsys, *argv):

@@ -271,9 +271,10 @@ def test_unservable_kinds_and_lora_bases_are_refused(tmp_path):
         build_multi_adapter_model(dense, [pissa])
 
 
-def test_keras_hub_attention_adapters_serve(tmp_path):
+@pytest.mark.parametrize("name", ["BertBackbone", "GPT2Backbone"])
+def test_keras_hub_attention_adapters_serve(tmp_path, name):
     keras_hub = pytest.importorskip("keras_hub")
-    base = keras_hub.models.BertBackbone(
+    base = getattr(keras_hub.models, name)(
         vocabulary_size=50,
         num_layers=1,
         hidden_dim=8,
@@ -286,21 +287,21 @@ def test_keras_hub_attention_adapters_serve(tmp_path):
     rng = np.random.default_rng(0)
     x = {
         "token_ids": rng.integers(1, 50, size=(3, 6)).astype("int32"),
-        "segment_ids": np.zeros((3, 6), "int32"),
         "padding_mask": np.ones((3, 6), "int32"),
     }
+    if "segment_ids" in base.input:
+        x["segment_ids"] = np.zeros((3, 6), "int32")
     ids = np.array([1, 0, -1], "int32")
-    got = model.predict_on_batch({**x, "adapter_ids": ids})
+
+    def sequence(out):  # BERT returns a dict, GPT-2 the sequence
+        return _np(out["sequence_output"] if isinstance(out, dict) else out)
+
+    got = sequence(model.predict_on_batch({**x, "adapter_ids": ids}))
     merged = [merge_lora(apply_adapters(base, p)) for p in paths]
     for k, i in enumerate(ids):
         ref = base if i < 0 else merged[i]
-        want = ref({key: v[k : k + 1] for key, v in x.items()})
-        np.testing.assert_allclose(
-            got["sequence_output"][k],
-            _np(want["sequence_output"])[0],
-            rtol=1e-5,
-            atol=1e-5,
-        )
+        want = sequence(ref({key: v[k : k + 1] for key, v in x.items()}))
+        np.testing.assert_allclose(got[k], want[0], rtol=1e-5, atol=1e-5)
 
 
 def _bench(argv):
