@@ -90,6 +90,14 @@ def _data(batch, width):
     return x, rng.normal(size=(batch, width)).astype("float32")
 
 
+def parameters(spec):
+    """The stack's parameter count as floats: kernels and biases, plus the
+    LoRA factors; a quantised base counts its parameters, not its bytes."""
+    width, depth = spec["width"], spec["depth"]
+    factors = 2 * width * spec["rank"] if spec["method"] == "lora" else 0
+    return depth * (width * width + width + factors)
+
+
 def probe(spec):
     """Runs in the probe process: returns the measured figures (see the
     module doc) of `spec`, a dict with method, width, depth, rank, batch,
@@ -110,11 +118,10 @@ def probe(spec):
     for _ in range(spec["steps"]):
         model.train_on_batch(x, y)
     peak = _status_bytes("VmHWM")
-    counts = count_parameters(model)
     return {
         **spec,
-        "params": counts.total,
-        "trainable_params": counts.trainable,
+        "params": parameters(spec),
+        "trainable_params": count_parameters(model).trainable,
         "baseline_bytes": baseline,
         "built_bytes": built - baseline,
         "peak_bytes": peak - baseline,

@@ -65,6 +65,17 @@ def memory_size(text):
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def methods(text):
+    """`--methods full,lora_nf4`: names from `METHODS`, full always in."""
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected names from {', '.join(METHODS)}, received {text!r}"
+        )
+    return tuple(name for name in METHODS if name in names or name == "full")
+
+
 def add_arguments(parser):
     parser.add_argument(
         "--memory",
@@ -80,6 +91,13 @@ def add_arguments(parser):
         type=positive_ints,
         help="the depths probed for every method, at least 2 (default: "
         "per method, " + ", ".join(f"{k} {v}" for k, v in DEPTHS.items()),
+    )
+    parser.add_argument(
+        "--methods",
+        type=methods,
+        default=tuple(METHODS),
+        help="comma-separated, from " + ",".join(METHODS) + " (default all; "
+        "full is always run, the ratios' denominator)",
     )
     parser.add_argument(
         "--steps", type=positive_int, default=3, help="train steps a probe"
@@ -112,7 +130,8 @@ def extrapolate(budget, intercept, per_param, layer_params):
 
 
 def _specs(args):
-    for name, spec in METHODS.items():
+    for name in args.methods:
+        spec = METHODS[name]
         for depth in args.depths or DEPTHS[name]:
             yield (
                 name,
@@ -132,7 +151,7 @@ def measure_all(args, progress):
     from keras_lora._train_memory import measure
 
     specs = list(_specs(args))
-    out = {name: [] for name in METHODS}
+    out = {name: [] for name in args.methods}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(measure, spec) for _, spec in specs]
         for (name, spec), future in zip(specs, futures):
@@ -164,7 +183,7 @@ def summarize(budget, probes):
     full = rows["full"]["params"]
     for row in rows.values():
         row["vs_full"] = row["params"] / full if full else None
-    ratio = rows["lora_nf4"]["vs_full"]
+    ratio = rows["lora_nf4"]["vs_full"] if "lora_nf4" in rows else None
     return {
         "budget_bytes": budget,
         "width": probes["full"][0]["width"],

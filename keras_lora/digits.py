@@ -9,7 +9,10 @@ is far worse than a fine-tuned one. The model is the seeds' 4-layer MLP
 Methods, each on the target task over several seeds:
 - `frozen`: the pretrained model as it is (the floor);
 - `full`: every weight fine-tuned;
-- `lora_r{r}`: `apply_lora(rank=r)`, only A, B and biases train.
+- `lora_r{r}`: `apply_lora(rank=r)`, only A, B and biases train;
+- at the largest rank, `EXTRAS`: `lora_r{r}_int8` and `lora_r{r}_nf4`,
+  the same on a frozen base stored as int8 or NF4 (`base_dtype`, issue
+  13), and `dora_r{r}` (`use_dora=True`).
 
 Splits: one fixed permutation (seed 0), 60% train, 15% validation, 25%
 test (the test images are the ones the 75/25 split of earlier versions
@@ -49,6 +52,8 @@ from keras_lora.workflow import apply_lora
 UNITS = (256, 128, 64, 10)
 SEEDS = (0, 1, 2)
 RANKS = (1, 4, 8)
+# Rows run at the largest rank: a quantised base, and DoRA.
+EXTRAS = ("int8", "nf4", "dora")
 EPOCHS = 100
 PATIENCE = 10
 PRETRAIN_EPOCHS = 20
@@ -152,6 +157,25 @@ def _fit(model, tasks, epochs, learning_rate):
 LEARNING_RATES = {"full": 1e-3, "lora": 1e-2}
 
 
+def method_kwargs(method):
+    """`apply_lora` arguments of a method name: `lora_r{r}`,
+    `lora_r{r}_{base_dtype}` or `dora_r{r}`."""
+    kind, _, rest = method.partition("_r")
+    rank, _, base_dtype = rest.partition("_")
+    kwargs = {"rank": int(rank)}
+    if base_dtype:
+        kwargs["base_dtype"] = base_dtype
+    if kind == "dora":
+        kwargs["use_dora"] = True
+    return kwargs
+
+
+def extra_methods(ranks, extras=EXTRAS):
+    """The `EXTRAS` rows' method names, at the largest of `ranks`."""
+    r = max(ranks)
+    return [f"dora_r{r}" if x == "dora" else f"lora_r{r}_{x}" for x in extras]
+
+
 def adapt(base, tasks, method, seed=0, epochs=EPOCHS, learning_rate=None):
     """Adapts `base` to the target task with one method and one seed,
     under the early-stopping rule with at most `epochs` epochs.
@@ -164,7 +188,7 @@ def adapt(base, tasks, method, seed=0, epochs=EPOCHS, learning_rate=None):
         model = keras.models.clone_model(base)
         model.set_weights(base.get_weights())
     else:
-        model = apply_lora(base, rank=int(method.removeprefix("lora_r")))
+        model = apply_lora(base, **method_kwargs(method))
     if method == "frozen":
         model.trainable = False
         model.compile(
@@ -213,12 +237,17 @@ def run_method(
 
 
 def run_experiment(
-    seeds=SEEDS, ranks=RANKS, epochs=EPOCHS, pretrain_epochs=PRETRAIN_EPOCHS
+    seeds=SEEDS,
+    ranks=RANKS,
+    epochs=EPOCHS,
+    pretrain_epochs=PRETRAIN_EPOCHS,
+    extras=EXTRAS,
 ):
     """Pretrains once, then runs every method; returns (base, results)."""
     tasks = load_tasks()
     base = pretrain(tasks, epochs=pretrain_epochs)
     methods = ["frozen", "full"] + [f"lora_r{r}" for r in ranks]
+    methods += extra_methods(ranks, extras)
     results = [run_method(base, tasks, m, seeds, epochs) for m in methods]
     return base, results
 

@@ -273,6 +273,7 @@ def test_digits_module_defaults_agree():
         "ranks": digits.RANKS,
         "epochs": digits.EPOCHS,
         "pretrain_epochs": digits.PRETRAIN_EPOCHS,
+        "extras": digits.EXTRAS,
     }
     assert defaults(digits.pretrain)["epochs"] == digits.PRETRAIN_EPOCHS
     assert defaults(digits.adapt)["epochs"] == digits.EPOCHS

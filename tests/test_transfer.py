@@ -237,6 +237,9 @@ def test_digits_cli_reports_progress_on_stderr(capsys, monkeypatch):
         "frozen seed 0",
         "full seed 0",
         "lora_r2 seed 0",
+        "lora_r2_int8 seed 0",
+        "lora_r2_nf4 seed 0",
+        "dora_r2 seed 0",
     ]
     # Early stopping under a cap of 2 epochs: at most 2 run per seed.
     assert all(int(x.split(", ")[1].split()[0]) <= 2 for x in lines[1:])
