@@ -422,3 +422,42 @@ def test_quantized_base_starts_exact(base_dtype):
     )
     plain = LoRADense.from_dense(dense, rank=2, base_dtype=base_dtype)
     np.testing.assert_array_equal(_np(dora(x)), _np(plain(x)))
+
+
+def test_a_zero_kernel_column_stays_finite():
+    # A pruned (all-zero) output column has norm 0: its output is 0 with
+    # any factor, so DoRA divides by 1 there instead of making NaN.
+    dense = keras.layers.Dense(4)
+    dense.build((None, 3))
+    kernel = _np(dense.kernel)
+    kernel[:, 2] = 0.0
+    dense.kernel.assign(kernel)
+    layer = LoRADense.from_dense(dense, rank=2, use_dora=True)
+    x = np.random.default_rng(10).normal(size=(2, 3)).astype("float32")
+    np.testing.assert_array_equal(_np(layer(x)), _np(dense(x)))
+    assert np.all(np.isfinite(_np(layer.merged_kernel())))
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "tensorflow",
+    reason="TensorFlow's CPU has no channels_first convolution",
+)
+def test_channels_first_conv_places_the_magnitude_on_the_channel_axis():
+    rng = np.random.default_rng(11)
+    last = LoRAConv2D(4, 3, rank=2, use_dora=True)
+    first = LoRAConv2D(
+        4, 3, rank=2, use_dora=True, data_format="channels_first"
+    )
+    last.build((2, 6, 6, 3))
+    first.build((2, 3, 6, 6))
+    _randomize(last, rng)
+    for a, b in zip(first.weights, last.weights):
+        a.assign(b)
+    x = rng.normal(size=(2, 6, 6, 3)).astype("float32")
+    y_first = _np(first(np.transpose(x, (0, 3, 1, 2))))
+    np.testing.assert_allclose(
+        np.transpose(y_first, (0, 2, 3, 1)),
+        _reference(last, x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
