@@ -300,9 +300,12 @@ def fill(layer, names):
 
 
 def _copy(variable):
-    """A copy of `variable`'s value: JAX would otherwise share one buffer
-    between two variables, which a train step may not donate twice."""
-    return ops.copy(ops.convert_to_tensor(variable))
+    """What to assign from `variable`: on JAX a copy of its value, since
+    two variables would otherwise share one buffer, which a train step may
+    not donate twice; the other backends copy as they assign."""
+    if keras.backend.backend() == "jax":
+        return ops.copy(ops.convert_to_tensor(variable))
+    return variable
 
 
 def _joined(parts, axis):
