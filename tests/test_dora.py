@@ -461,3 +461,16 @@ def test_channels_first_conv_places_the_magnitude_on_the_channel_axis():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_pissa_split_of_a_trained_dora_layer_keeps_its_output():
+    # The split folds DoRA's merge (negative magnitudes included) into the
+    # weights, then m must be the new column norms for the output to stay.
+    rng = np.random.default_rng(12)
+    layer = LoRADense(5, rank=2, use_dora=True)
+    layer.build((None, 6))
+    _randomize(layer, rng)
+    x = rng.normal(size=(3, 6)).astype("float32")
+    before = _np(layer(x))
+    layer.pissa_split()
+    np.testing.assert_allclose(_np(layer(x)), before, rtol=1e-5, atol=1e-5)

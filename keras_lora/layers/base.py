@@ -360,6 +360,8 @@ class LoRALayer(BaseConversion, QuantizedBase, keras.layers.Layer):
         self.lora_a.assign(ops.reshape(a, self.lora_a.shape))
         self.lora_b.assign(ops.reshape(b, self.lora_b.shape))
         self.pissa_fingerprint = weight_fingerprint(merged_kernel)
+        if self.use_dora:  # DoRA's merge is folded in: m = its column norms
+            dora.reset_magnitude(self)
 
     def base_fingerprint(self):
         """The fingerprint of the frozen weight the factors belong to: the
