@@ -8,11 +8,12 @@ import numpy as np
 from keras import ops
 
 from keras_lora import _adapter_slots as slots
-from keras_lora import _tree, named_adapters
+from keras_lora import _named_state as named_adapters
+from keras_lora import _tree
 
 
 def is_named(model):
-    return named_adapters._is_named(_tree.lora_layers(model))
+    return named_adapters.is_named(_tree.lora_layers(model))
 
 
 def entries(model, name):
@@ -79,6 +80,8 @@ def _problems(layers, saved):
                     f"'{path}': {key} is {record.get(key)!r} in the file, "
                     f"{expected[key]!r} in the model"
                 )
+        if record.get("use_dora"):
+            problems.append(f"'{path}': a DoRA adapter, not a plain LoRA one")
         rank = record["rank"]
         want = {
             "lora_a": tuple(layer.lora_a.shape[:-1]) + (rank,),
@@ -113,7 +116,7 @@ def load(model, path, name):
         )
     named_adapters.check_new(model, name)
     layers = _tree.lora_layers(model)
-    named_adapters._refuse_dora(layers)
+    named_adapters.refuse_unsupported(layers)
     saved = read_adapters(path)
     problems = _problems(layers, saved)
     if problems:

@@ -24,7 +24,7 @@ import numpy as np
 from keras import ops
 
 from keras_lora import _adapter_slots as slots
-from keras_lora import named_adapters
+from keras_lora import _named_state as named_adapters
 from keras_lora.linalg import svd_factors
 
 METHODS = ("cat", "svd")

@@ -31,17 +31,28 @@ arXiv:2311.03285.
 """
 
 import contextlib
-import re
 import statistics
 import time
 
 import numpy as np
 
 from keras_lora import _adapter_slots as slots
-from keras_lora import _checks, _tree
-
-DEFAULT = "default"
-_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+from keras_lora import _checks
+from keras_lora._named_state import (
+    active_adapters,
+    check_known,
+    check_name,
+    check_new,
+    ensure_named,
+    fill_model,
+    is_named,
+    layers_of,
+    list_adapters,
+    names_arg,
+    refill,
+    refuse_unsupported,
+    sync,
+)
 
 __all__ = [
     "active_adapters",
@@ -52,137 +63,6 @@ __all__ = [
     "set_adapter",
     "time_switch",
 ]
-
-
-def _layers(model):
-    return _tree.lora_layers(model)
-
-
-def _is_named(layers):
-    return any(slots.slots_of(layer) for layer in layers.values())
-
-
-def list_adapters(model):
-    """The names of the adapters `model` holds, in the order added."""
-    layers = _layers(model)
-    if not _is_named(layers):
-        return [DEFAULT]
-    names = {}
-    for layer in layers.values():
-        names.update(dict.fromkeys(slots.slots_of(layer).adapters))
-    return list(names)
-
-
-def active_adapters(model):
-    """The names of the adapters `model` computes with (their sum); `[]`
-    inside `disable_adapters`."""
-    layers = _layers(model)
-    if not _is_named(layers):
-        disabled = model.__dict__.get("_lora_disabled") is not None
-        return [] if disabled else [DEFAULT]
-    return list(model.__dict__["_lora_active"])
-
-
-def adapter_paths(model, name):
-    """`{path: layer}` of the LoRA layers holding adapter `name`."""
-    layers = _layers(model)
-    check_known(model, [name], "name")
-    if not _is_named(layers):
-        return layers
-    return {
-        p: x for p, x in layers.items() if name in slots.slots_of(x).adapters
-    }
-
-
-def check_name(name, argument="name"):
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(
-            f"Expected `{argument}` to be a non-empty string of letters, "
-            f"digits, '_', '.' or '-'. Received: {argument}={name!r}"
-        )
-
-
-def check_new(model, name, argument="name"):
-    check_name(name, argument)
-    if name in list_adapters(model):
-        raise ValueError(
-            f"Expected a new adapter name. Received: {argument}={name!r}, "
-            f"which the model already holds ({list_adapters(model)}); "
-            "delete it first with `delete_adapter`."
-        )
-
-
-def check_known(model, names, argument="name"):
-    known = list_adapters(model)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise KeyError(
-            f"Unknown adapter name(s) {unknown!r} in `{argument}`. "
-            f"The model holds: {known}."
-        )
-
-
-def _names(names):
-    """A name or a non-empty list of distinct names, as a tuple."""
-    if isinstance(names, str):
-        names = [names]
-    if not isinstance(names, (list, tuple)) or not names:
-        raise TypeError(
-            "Expected `name` to be an adapter name or a non-empty list of "
-            f"names. Received: name={names!r}"
-        )
-    for n in names:
-        check_name(n)
-    if len(set(names)) != len(names):
-        raise ValueError(
-            f"Expected distinct adapter names. Received: name={names!r}"
-        )
-    return tuple(names)
-
-
-def _refuse_dora(layers):
-    dora = [p for p, x in layers.items() if getattr(x, "use_dora", False)]
-    if dora:
-        raise ValueError(
-            "Named adapters do not support DoRA layers (their magnitude is "
-            f"one per layer). Received: a model with use_dora=True at {dora}."
-        )
-
-
-def ensure_named(model):
-    """Makes every LoRA layer of `model` hold named adapters, its current
-    factors being `"default"` (structural: drops traced functions)."""
-    layers = _layers(model)
-    if _is_named(layers):
-        return layers
-    _refuse_dora(layers)
-    for layer in layers.values():
-        slots.enter(layer, DEFAULT)
-    model.__dict__["_lora_active"] = (DEFAULT,)
-    slots.reset_compiled(model)
-    return layers
-
-
-def sync(model):
-    """Writes the slots back to the adapters they hold."""
-    layers = _layers(model)
-    if _is_named(layers):
-        for layer in layers.values():
-            slots.write_back(layer)
-
-
-def _fill(model, names):
-    layers = _layers(model)
-    grown = False
-    for layer in layers.values():
-        slots.write_back(layer)
-        need = slots.needed_rank(layer, names)
-        if need > layer.rank:
-            slots.grow(layer, need)
-            grown = True
-        slots.fill(layer, names)
-    if grown:
-        slots.reset_compiled(model)
 
 
 def add_adapter(
@@ -218,14 +98,14 @@ def add_adapter(
     """
     from keras_lora.workflow import _matcher
 
-    layers = _layers(model)
+    layers = layers_of(model)
     check_new(model, name)
     _checks.positive_int("rank", rank)
     if alpha is not None:
         _checks.positive_number("alpha", alpha)
     _checks.boolean("use_rslora", use_rslora)
     _checks.one_of("lora_init", lora_init, ("default", "gaussian"))
-    _refuse_dora(layers)
+    refuse_unsupported(layers)
     if isinstance(targets, (list, tuple, set)):
         unknown = [
             t
@@ -260,20 +140,6 @@ def add_adapter(
     return sorted(selected)
 
 
-def refill(model, ranks):
-    """After a structural change: grows the slot of each layer `{path:
-    rank}` to at least that rank, refills the active adapters and drops
-    the model's traced functions. Call `sync` before the change."""
-    layers = _layers(model)
-    for path, rank in ranks.items():
-        if rank > layers[path].rank:
-            slots.grow(layers[path], rank)
-    active = active_adapters(model)
-    for layer in layers.values():
-        slots.fill(layer, active)
-    slots.reset_compiled(model)
-
-
 def set_adapter(model, name):
     """Makes `model` compute with adapter `name`, or with the sum of a list
     of adapters (each in the layers it targets). Only they train.
@@ -282,17 +148,17 @@ def set_adapter(model, name):
     the sum needs more rank than the layers' slot holds (then the slot
     grows once; compile again before `fit`).
     """
-    names = _names(name)
-    layers = _layers(model)
+    names = names_arg(name)
+    layers = layers_of(model)
     check_known(model, names)
     if model.__dict__.get("_lora_disabled") is not None:
         raise ValueError(
             "Expected no `set_adapter` inside `disable_adapters`; leave the "
             f"`with` block first. Received: name={name!r}"
         )
-    if not _is_named(layers):
+    if not is_named(layers):
         return  # only "default", already active
-    _fill(model, names)
+    fill_model(model, names)
     model.__dict__["_lora_active"] = names
 
 
@@ -303,7 +169,7 @@ def delete_adapter(model, name):
     another with `set_adapter` first.
     """
     check_name(name)
-    layers = _layers(model)
+    layers = layers_of(model)
     check_known(model, [name])
     previous = model.__dict__.get("_lora_disabled")
     active = active_adapters(model) + list(previous or ())
@@ -329,11 +195,11 @@ def disable_adapters(model):
     >>> with disable_adapters(model):  # doctest: +SKIP
     ...     base_outputs = model.predict(x)
     """
-    layers = _layers(model)
+    layers = layers_of(model)
     if model.__dict__.get("_lora_disabled") is not None:
         raise ValueError("Adapters are already disabled on this model.")
-    _refuse_dora(layers)
-    if not _is_named(layers):
+    refuse_unsupported(layers)
+    if not is_named(layers):
         # One adapter: zero `lora_b`, the base's bias, then put them back.
         saved = [(x.lora_b, slots._numpy(x.lora_b)) for x in layers.values()]
         base = [x for x in layers.values() if slots.trains_bias(x)]
@@ -351,7 +217,7 @@ def disable_adapters(model):
             model.__dict__["_lora_disabled"] = None
         return
     previous = tuple(active_adapters(model))
-    _fill(model, ())
+    fill_model(model, ())
     model.__dict__["_lora_active"] = ()
     model.__dict__["_lora_disabled"] = previous
     try:
@@ -367,6 +233,7 @@ def time_switch(model, names=None, repeats=100):
     """Median seconds of one `set_adapter` call, cycling through `names`
     (default: every adapter the model holds), `repeats` times. The model
     ends with the adapter it started with."""
+    names = [names] if isinstance(names, str) else names
     names = list(names or list_adapters(model))
     check_known(model, names, "names")
     _checks.positive_int("repeats", repeats)

@@ -520,3 +520,21 @@ def test_bad_input_on_other_models(tmp_path):
     assert list_adapters(model) == ["default"]
     with pytest.raises(KeyError, match="nope"):
         set_adapter(model, "nope")
+    for kwargs, match in (({"lora_init": "pissa"}, "PiSSA"),):
+        other = apply_lora(base, rank=2, **kwargs)
+        before = _values(other)
+        with pytest.raises(ValueError, match=match):
+            add_adapter(other, "b")
+        _assert_same_values(before, _values(other))
+
+
+def test_dora_layers_are_refused():
+    base = _base()
+    try:
+        model = apply_lora(base, rank=2, use_dora=True)
+    except TypeError:
+        pytest.skip("this tree has no DoRA yet")
+    before = _values(model)
+    with pytest.raises(ValueError, match="DoRA"):
+        add_adapter(model, "b")
+    _assert_same_values(before, _values(model))

@@ -1,0 +1,163 @@
+"""The state of a model's named adapters: which it holds, which are
+active, the checks on names, and filling the layers' slots (the API is
+`named_adapters.py`, the per-layer mechanics `_adapter_slots.py`)."""
+
+import re
+
+from keras_lora import _adapter_slots as slots
+from keras_lora import _tree
+
+DEFAULT = "default"
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def layers_of(model):
+    return _tree.lora_layers(model)
+
+
+def is_named(layers):
+    return any(slots.slots_of(layer) for layer in layers.values())
+
+
+def list_adapters(model):
+    """The names of the adapters `model` holds, in the order added."""
+    layers = layers_of(model)
+    if not is_named(layers):
+        return [DEFAULT]
+    names = {}
+    for layer in layers.values():
+        names.update(dict.fromkeys(slots.slots_of(layer).adapters))
+    return list(names)
+
+
+def active_adapters(model):
+    """The names of the adapters `model` computes with (their sum); `[]`
+    inside `disable_adapters`."""
+    layers = layers_of(model)
+    if not is_named(layers):
+        disabled = model.__dict__.get("_lora_disabled") is not None
+        return [] if disabled else [DEFAULT]
+    return list(model.__dict__["_lora_active"])
+
+
+def adapter_paths(model, name):
+    """`{path: layer}` of the LoRA layers holding adapter `name`."""
+    layers = layers_of(model)
+    check_known(model, [name], "name")
+    if not is_named(layers):
+        return layers
+    return {
+        p: x for p, x in layers.items() if name in slots.slots_of(x).adapters
+    }
+
+
+def check_name(name, argument="name"):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"Expected `{argument}` to be a non-empty string of letters, "
+            f"digits, '_', '.' or '-'. Received: {argument}={name!r}"
+        )
+
+
+def check_new(model, name, argument="name"):
+    check_name(name, argument)
+    if name in list_adapters(model):
+        raise ValueError(
+            f"Expected a new adapter name. Received: {argument}={name!r}, "
+            f"which the model already holds ({list_adapters(model)}); "
+            "delete it first with `delete_adapter`."
+        )
+
+
+def check_known(model, names, argument="name"):
+    known = list_adapters(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise KeyError(
+            f"Unknown adapter name(s) {unknown!r} in `{argument}`. "
+            f"The model holds: {known}."
+        )
+
+
+def names_arg(names):
+    """A name or a non-empty list of distinct names, as a tuple."""
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, tuple)) or not names:
+        raise TypeError(
+            "Expected `name` to be an adapter name or a non-empty list of "
+            f"names. Received: name={names!r}"
+        )
+    for n in names:
+        check_name(n)
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"Expected distinct adapter names. Received: name={names!r}"
+        )
+    return tuple(names)
+
+
+def refuse_unsupported(layers):
+    """Refuses DoRA layers (one magnitude per layer) and PiSSA layers
+    (whose frozen weight is a residual, not the base), naming them."""
+    dora = [p for p, x in layers.items() if getattr(x, "use_dora", False)]
+    pissa = [p for p, x in layers.items() if x.lora_init == "pissa"]
+    for paths, why in (
+        (dora, "DoRA layers (one magnitude per layer)"),
+        (pissa, "PiSSA layers (their frozen weight is not the base's)"),
+    ):
+        if paths:
+            raise ValueError(
+                f"Named adapters do not support {why}. Received: a model "
+                f"with such layers at {paths}."
+            )
+
+
+def ensure_named(model):
+    """Makes every LoRA layer of `model` hold named adapters, its current
+    factors being `"default"` (structural: drops traced functions)."""
+    layers = layers_of(model)
+    if is_named(layers):
+        return layers
+    refuse_unsupported(layers)
+    for layer in layers.values():
+        slots.enter(layer, DEFAULT)
+    model.__dict__["_lora_active"] = (DEFAULT,)
+    slots.reset_compiled(model)
+    return layers
+
+
+def sync(model):
+    """Writes the slots back to the adapters they hold."""
+    layers = layers_of(model)
+    if is_named(layers):
+        for layer in layers.values():
+            slots.write_back(layer)
+
+
+def fill_model(model, names):
+    layers = layers_of(model)
+    grown = False
+    for layer in layers.values():
+        slots.write_back(layer)
+        need = slots.needed_rank(layer, names)
+        if need > layer.rank:
+            slots.grow(layer, need)
+            grown = True
+        slots.fill(layer, names)
+    if grown:
+        slots.reset_compiled(model)
+
+
+def refill(model, ranks):
+    """After a structural change: grows the slot of each layer `{path:
+    rank}` to at least that rank, refills the active adapters and drops
+    the model's traced functions. Call `sync` before the change."""
+    layers = layers_of(model)
+    for path, rank in ranks.items():
+        if rank > layers[path].rank:
+            slots.grow(layers[path], rank)
+    active = active_adapters(model)
+    for layer in layers.values():
+        slots.fill(layer, active)
+    slots.reset_compiled(model)
