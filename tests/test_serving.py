@@ -82,18 +82,26 @@ def embedding_base():
     return keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
 
 
+def reversible_base():
+    inputs = keras.Input((5,), dtype="int32")
+    tok = keras.layers.ReversibleEmbedding(20, 4, name="tok")
+    h = keras.layers.Dense(4, activation="tanh", name="mid")(tok(inputs))
+    return keras.Model(inputs, tok(h, reverse=True))  # tied logits
+
+
 CASES = {
     # Different ranks, and files with different targets: where a file has
     # no adapter its examples get the base layer.
     "dense": (dense_base, [(2, None), (3, ["d2"]), (1, ["d1"])]),
     "einsum": (einsum_base, [(2, None), (3, ["general"])]),
     "embedding": (embedding_base, [(2, ["emb"]), (3, ["emb", "head"])]),
+    "reversible": (reversible_base, [(2, ["tok"]), (3, ["tok", "mid"])]),
 }
 
 
 def _inputs(kind, batch, seed=0):
     rng = np.random.default_rng(seed)
-    if kind == "embedding":
+    if kind in ("embedding", "reversible"):
         return rng.integers(0, 20, size=(batch, 5)).astype("int32")
     shape = {"dense": (batch, 6), "einsum": (batch, 4, 6)}[kind]
     return rng.normal(size=shape).astype("float32")
@@ -117,6 +125,7 @@ def served(tmp_path_factory):
         ("einsum", "concat"),  # no Dense layer: "gather" would be the same
         ("embedding", "concat"),
         ("embedding", "gather"),  # the Dense head gathers
+        ("reversible", "concat"),
     ],
 )
 def test_each_example_equals_its_merged_model(served, kind, strategy):

@@ -1,9 +1,10 @@
 """Serving layers: one frozen base layer, N adapters, one adapter per example.
 
-A `MultiAdapter*` layer wraps a built base layer (Dense, EinsumDense or
-Embedding) and the low-rank factors of N adapters, and computes each example
-of a batch with its own adapter in one pass: the base op once for the whole
-batch, plus the low-rank terms of the adapter each example names.
+A `MultiAdapter*` layer wraps a built base layer (Dense, EinsumDense,
+Embedding or ReversibleEmbedding, in `keras_lora.layers.multi_kinds`) and
+the low-rank factors of N adapters, and computes each example of a batch
+with its own adapter in one pass: the base op once for the whole batch,
+plus the low-rank terms of the adapter each example names.
 
 Layout ("concat", the default). The N adapters' factors sit side by side
 along the rank axis: `lora_a` `(*in, R)` and `lora_b` `(R, *out)` with

@@ -1,5 +1,5 @@
-"""The serving layers of each kind: Dense, EinsumDense and Embedding (the
-method is in `keras_lora.layers.multi`)."""
+"""The serving layers of each kind: Dense, EinsumDense, Embedding and
+ReversibleEmbedding (the method is in `keras_lora.layers.multi`)."""
 
 import keras
 from keras import ops
@@ -143,9 +143,64 @@ class MultiAdapterEmbedding(MultiAdapterLayer):
         return self.layer.compute_mask(inputs, mask)
 
 
+@keras.saving.register_keras_serializable(package="keras_lora")
+class MultiAdapterReversibleEmbedding(MultiAdapterEmbedding):
+    """A ReversibleEmbedding serving N adapters, one per example: forward
+    as `MultiAdapterEmbedding`; in reverse the logits use each example's
+    adapted, tied table, as `LoRAReversibleEmbedding` does (an untied
+    reverse projection is not adapted)."""
+
+    base_class = keras.layers.ReversibleEmbedding
+
+    def __call__(self, inputs, reverse=False, **kwargs):
+        # `compute_mask` sees only the inputs: tell it which way this is.
+        self._reverse_call = reverse
+        try:
+            return super().__call__(inputs, reverse=reverse, **kwargs)
+        finally:
+            self._reverse_call = False
+
+    def call(self, inputs, reverse=False, adapter_ids=None):
+        if not reverse:
+            return super().call(inputs, adapter_ids=adapter_ids)
+        layer = self.layer
+        if not layer.tie_weights:
+            return layer.call(inputs, reverse=True)
+        ids = self._ids(inputs, adapter_ids)
+        tensors = (inputs, layer.embeddings, self.lora_a, self.lora_b)
+        if layer.reverse_dtype is not None:
+            tensors = [ops.cast(t, layer.reverse_dtype) for t in tensors]
+        x, table, a, b = tensors
+        # (b, ..., out) @ (out, vocab) -> (b, ..., vocab)
+        logits = ops.matmul(x, ops.transpose(table))
+        # (b, ..., out) @ (out, R) -> (b, ..., R), masked per example
+        hidden = ops.matmul(x, ops.transpose(b))
+        mask = ops.cast(self._mask(ids, len(hidden.shape)), hidden.dtype)
+        # (b, ..., R) @ (R, vocab) -> (b, ..., vocab)
+        update = ops.matmul(ops.multiply(hidden, mask), ops.transpose(a))
+        logits = ops.add(logits, update)
+        if layer.logit_soft_cap is not None:
+            cap = layer.logit_soft_cap
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
+
+    def compute_mask(self, inputs, mask=None):
+        if getattr(self, "_reverse_call", False):
+            return None
+        return super().compute_mask(inputs, mask)
+
+    def compute_output_shape(self, input_shape, reverse=False):
+        return self.layer.compute_output_shape(input_shape, reverse=reverse)
+
+    def compute_output_spec(self, inputs, reverse=False, adapter_ids=None):
+        shape = self.compute_output_shape(inputs.shape, reverse=reverse)
+        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+
 # LoRA kind (as adapter files name it) -> its serving layer.
 SERVING_LAYERS = {
     "LoRADense": MultiAdapterDense,
     "LoRAEinsumDense": MultiAdapterEinsumDense,
     "LoRAEmbedding": MultiAdapterEmbedding,
+    "LoRAReversibleEmbedding": MultiAdapterReversibleEmbedding,
 }
