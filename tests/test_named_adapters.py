@@ -2,6 +2,9 @@
 delete, combine; switching without a retrace; fit trains only the active
 adapter; bad input changes nothing."""
 
+import json
+
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -171,10 +174,12 @@ def _update(model):
     return out
 
 
-def test_sum_of_adapters_equals_explicit_sum(two):
+def test_sum_of_adapters_equals_explicit_sum(two, tmp_path):
     base, model, a, b = two
     set_adapter(model, ["default", "b"])
     assert active_adapters(model) == ["default", "b"]
+    with pytest.raises(ValueError, match="one active adapter"):
+        save_adapters(model, tmp_path / "sum.lora.h5")  # which one?
     ua, ub = _update(a), _update(b)
     biases = {}
     for layer in _tree.lora_layers(a).values():
@@ -259,6 +264,7 @@ def test_switching_does_not_retrace(two):
     model.predict(X, verbose=0)
     model.fit(X, np.ones((6, 4)), epochs=1, verbose=0, batch_size=6)
     traced = len(traces)
+    variables = [id(v) for v in model.weights]
     for name in ["b", "default", ["default", "c"], "c", "b"]:
         set_adapter(model, name)
         got = model.predict(X, verbose=0)
@@ -266,6 +272,7 @@ def test_switching_does_not_retrace(two):
     with disable_adapters(model):
         model.predict(X, verbose=0)
     assert len(traces) == traced
+    assert [id(v) for v in model.weights] == variables  # nothing rebuilt
     np.testing.assert_allclose(got, _predict(b), rtol=1e-5)
 
 
@@ -279,6 +286,23 @@ def test_save_named_adapter_loads_into_a_plain_model(two, tmp_path):
     fresh = apply_lora(base, rank=2)
     load_adapters(fresh, tmp_path / "active.lora.h5")
     np.testing.assert_array_equal(_predict(fresh), _predict(a))
+
+
+def test_a_version_1_file_loads_into_a_named_slot(two, tmp_path):
+    _, model, _, b = two
+    path = tmp_path / "v1.lora.h5"
+    save_adapters(b, path)
+    with h5py.File(path, "r+") as f:  # as version 1 wrote it
+        records = json.loads(f.attrs["layers"])
+        for record in records:
+            record["kernel_shape"] = record.pop("base_shape")
+            for key in ("kind", "lora_init", "dtype"):
+                record.pop(key)
+        f.attrs["layers"] = json.dumps(records)
+        f.attrs["version"] = 1
+    load_adapters(model, path, name="old")
+    set_adapter(model, "old")
+    np.testing.assert_allclose(_predict(model), _predict(b), rtol=1e-5)
 
 
 def test_merge_uses_the_active_adapter_and_keras_file_is_refused(two, tmp_path):
