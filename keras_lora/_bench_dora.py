@@ -163,6 +163,8 @@ def format_table(report):
     shape = f"batch={cfg['batch']}"
     if cfg["seq"] is not None:
         shape += f" seq={cfg['seq']}"
+    if cfg["units"] not in (None, cfg["width"]):
+        shape += f" units={cfg['units']}"
     lines = [
         f"DoRA vs LoRA, --layer {cfg['layer']} width={cfg['width']} "
         f"depth={cfg['depth']} {shape} rank={cfg['rank']} "
