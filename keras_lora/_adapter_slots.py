@@ -107,10 +107,11 @@ def _weight(layer, name, value):
 
 def _refuse_save(store):
     raise ValueError(
-        "A layer holding several named adapters cannot be saved with its "
-        "weights (.keras or save_weights): its config describes one "
-        "adapter. Save each adapter with `save_adapters(model, path, "
-        "name=...)`, or merge with `merge_lora`, or delete all but one."
+        "A layer holding named adapters cannot be saved with its weights "
+        "(.keras or save_weights): its config describes one adapter. Save "
+        "each adapter with `save_adapters(model, path, name=...)` (and "
+        "rebuild with `apply_lora` + `load_adapters`), or merge the active "
+        "one with `merge_lora`."
     )
 
 

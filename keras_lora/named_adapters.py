@@ -22,8 +22,9 @@ the model computes with, `disable_adapters` gives the base alone.
   `add_adapter`). A layer no active adapter reaches computes with it; a
   `fit` there moves it only until the next switch.
 - Deleting an active adapter is refused: switch away first.
-- A model holding several adapters refuses `.keras` / `save_weights`
-  saving by name; save each adapter with `save_adapters(..., name=...)`.
+- A model with named adapters refuses `.keras` / `save_weights` saving
+  (a layer's config describes one adapter): save each adapter with
+  `save_adapters(..., name=...)`, or merge with `merge_lora`.
 
 Sources: Hugging Face PEFT `add_adapter`, `set_adapter`, `delete_adapter`,
 `disable_adapter` (`tuners/lora/model.py`); Sheng et al., "S-LoRA", 2023,
