@@ -215,8 +215,18 @@ def test_import_other_architectures(bases, tmp_path, arch):
         )
 
 
-@pytest.mark.parametrize("source", ["imported", "dora", "apply_lora"])
-@pytest.mark.parametrize("arch", ["llama", "gemma"])
+# imported: rsLoRA with rank and alpha patterns; dora: DoRA, rsLoRA off;
+# apply_lora: two layers of one block with their own ranks (a regex
+# target_modules on export), rsLoRA off.
+EXPORTS = [
+    ("llama", "imported"),
+    ("gemma", "imported"),
+    ("llama", "dora"),
+    ("gemma", "apply_lora"),
+]
+
+
+@pytest.mark.parametrize("arch, source", EXPORTS)
 def test_export_after_training_loads_in_peft(bases, tmp_path, arch, source):
     folder, table = bases(arch), ARCHS[arch][3]
     backbone = _backbone(arch, folder)
