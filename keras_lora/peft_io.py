@@ -6,7 +6,9 @@ A PEFT adapter is a folder with `adapter_config.json` and
 and `...lora_B.weight` (out, r); the update is
 `W += scale * lora_B @ lora_A` with `scale = lora_alpha / r`
 (`/ sqrt(r)` with `use_rslora`), `r` and `lora_alpha` overridable per
-module by `rank_pattern` / `alpha_pattern`. Reading needs only
+module by `rank_pattern` / `alpha_pattern`. A DoRA adapter (`use_dora`)
+also holds `...lora_magnitude_vector` (out,), our `lora_magnitude`.
+Reading needs only
 `safetensors` (its numpy API) and `json`, never torch.
 
 The names map through one table per architecture (`_peft_maps.py`, next
@@ -86,9 +88,10 @@ def load_peft_adapters(model, folder):
 
     A model without LoRA layers is not changed: LoRA is applied (with
     `apply_lora`, to the adapter's modules, with its ranks, alphas,
-    `use_rslora` and dropout, biases frozen as PEFT's `bias="none"`) and
-    the new model returned. A model whose LoRA layers are exactly the
-    adapter's, with the same ranks and scales, is loaded in place.
+    `use_rslora`, `use_dora` and dropout, biases frozen as PEFT's
+    `bias="none"`) and the new model returned. A model whose LoRA layers
+    are exactly the adapter's, with the same ranks and scales, is loaded
+    in place.
     Everything is checked before anything is written.
 
     Args:
