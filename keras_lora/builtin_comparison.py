@@ -119,7 +119,7 @@ def compare_with_keras_lora(model, rank=8, targets="attention_qv", seed=0):
             BuiltinRow(
                 path=path,
                 kind=type(base).__name__,
-                weight_shape=tuple(layer.frozen_weight.shape),
+                weight_shape=tuple(layer.frozen_shape),
                 ours_params=math.prod(layer.lora_a.shape)
                 + math.prod(layer.lora_b.shape),
                 ours_rank=_numerical_rank(layer.delta_matrix()),

@@ -252,7 +252,7 @@ def compare_parameters(baseline_model, lora_model):
     base, lora = _pairs(baseline_model, lora_model)
     rows = []
     for (_, d), (path, lo) in zip(base, lora):
-        shape = tuple(lo.frozen_weight.shape)
+        shape = tuple(lo.frozen_shape)  # the float shape, however stored
         theirs = getattr(d, lo.frozen_name, None)
         if theirs is None or tuple(theirs.shape) != shape:
             raise ValueError(

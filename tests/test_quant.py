@@ -481,3 +481,15 @@ def test_mixed_bfloat16_policy_computes_in_bfloat16(mode):
         layer.bias
     )
     np.testing.assert_allclose(_np(y).astype("float32"), reference, atol=0.1)
+
+
+def test_compare_parameters_pairs_an_nf4_layer_by_its_float_shape():
+    from keras_lora import compare_parameters
+
+    base = keras.Sequential(
+        [keras.Input((100,)), keras.layers.Dense(32), keras.layers.Dense(4)]
+    )
+    rows = compare_parameters(base, apply_lora(base, rank=2, base_dtype="nf4"))
+    assert [row.kernel_shape for row in rows.rows] == [(100, 32), (32, 4)]
+    # stored scalars: 64 x 32 bytes of codes and 2 x 32 scales
+    assert rows.rows[0].frozen == 64 * 32 + 2 * 32
