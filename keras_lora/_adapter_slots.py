@@ -27,8 +27,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lora import _tree
-
 
 class Stored:
     """One named adapter of one layer: its settings and its variables."""
@@ -313,12 +311,3 @@ def _joined(parts, axis):
     if len(parts) == 1:
         return _copy(parts[0])
     return ops.concatenate([ops.convert_to_tensor(p) for p in parts], axis=axis)
-
-
-def reset_compiled(model):
-    """Drops a model's traced train/test/predict functions (the next call
-    traces anew), and rebuilds torch's parameter lists."""
-    for attr in ("train_function", "test_function", "predict_function"):
-        if getattr(model, attr, None) is not None:
-            setattr(model, attr, None)
-    _tree.retrack(model)

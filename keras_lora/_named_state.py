@@ -123,7 +123,7 @@ def ensure_named(model):
     for layer in layers.values():
         slots.enter(layer, DEFAULT)
     model.__dict__["_lora_active"] = (DEFAULT,)
-    slots.reset_compiled(model)
+    reset_compiled(model)
     return layers
 
 
@@ -146,7 +146,7 @@ def fill_model(model, names):
             grown = True
         slots.fill(layer, names)
     if grown:
-        slots.reset_compiled(model)
+        reset_compiled(model)
 
 
 def refill(model, ranks):
@@ -160,4 +160,13 @@ def refill(model, ranks):
     active = active_adapters(model)
     for layer in layers.values():
         slots.fill(layer, active)
-    slots.reset_compiled(model)
+    reset_compiled(model)
+
+
+def reset_compiled(model):
+    """Drops a model's traced train/test/predict functions (the next call
+    traces anew), and rebuilds torch's parameter lists."""
+    for attr in ("train_function", "test_function", "predict_function"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    _tree.retrack(model)

@@ -52,6 +52,7 @@ from keras_lora._named_state import (
     names_arg,
     refill,
     refuse_unsupported,
+    reset_compiled,
     sync,
 )
 
@@ -182,7 +183,7 @@ def delete_adapter(model, name):
     for layer in layers.values():
         if name in slots.slots_of(layer).adapters:
             slots.remove(layer, name)
-    slots.reset_compiled(model)
+    reset_compiled(model)
 
 
 @contextlib.contextmanager
