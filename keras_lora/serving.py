@@ -89,6 +89,20 @@ def _refuse_unservable(path):
         )
 
 
+def _refuse_quantized(base, paths):
+    """The serving layers read the base weights as floats: refuse quantized
+    ones (Keras `quantize("int8")`) by path."""
+    layers = dict(_tree.walk(base))
+    modes = {p: getattr(layers[p], "quantization_mode", None) for p in paths}
+    quantized = {p: m for p, m in sorted(modes.items()) if m is not None}
+    if quantized:
+        raise ValueError(
+            "Expected float base layers where the adapters apply. Received: "
+            f"quantized layers {quantized!r} (path: quantization_mode); "
+            "serve the float base model."
+        )
+
+
 def _factors(base, path):
     """`{layer path: (kind, a, scaled b, bias or None)}` of one file, after
     `apply_adapters` checked it against `base`."""
@@ -176,6 +190,7 @@ def build_multi_adapter_model(base, paths, strategy="concat"):
             f"Expected a base model with no input named '{IDS}'. Received: "
             f"model='{base.name}' with one."
         )
+    _refuse_quantized(base, set().union(*map(read_adapters, paths)))
     per_file = [_factors(base, path) for path in paths]  # all checked first
     from keras_lora.workflow import _swap_all, copy_model
 

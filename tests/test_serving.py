@@ -274,6 +274,12 @@ def test_unservable_kinds_and_lora_bases_are_refused(tmp_path):
     lora = apply_lora(dense, rank=2)
     with pytest.raises(ValueError, match="without LoRA layers"):
         build_multi_adapter_model(lora, [path])
+    quantized = dense_base()
+    quantized.quantize("int8")
+    int8 = tmp_path / "int8.lora.h5"
+    save_adapters(apply_lora(quantized, rank=2), int8)
+    with pytest.raises(ValueError, match="quantized layers.*'d1': 'int8'"):
+        build_multi_adapter_model(quantized, [int8])
     pissa = tmp_path / "pissa.lora.h5"
     save_adapters(apply_lora(dense, rank=2, lora_init="pissa"), pissa)
     with pytest.raises(ValueError, match="lora_init='pissa'"):
