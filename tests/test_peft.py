@@ -193,8 +193,8 @@ def test_import_matches_peft(bases, tmp_path, arch, case):
 def test_import_other_architectures(bases, tmp_path, arch):
     """Each adapted layer's update is PEFT's, transposed. (Whole outputs
     are not compared: keras-hub's Mistral conversion alone differs from
-    Transformers' by ~1e-3 on these tiny models, before any adapter, its
-    kernels rounded at bfloat16 precision.)"""
+    Transformers' by ~1e-3 on these tiny models, before any adapter:
+    `convert_mistral.py` casts every weight through float16.)"""
     folder, table = bases(arch), ARCHS[arch][3]
     hf, backbone = _hf(arch, folder), _backbone(arch, folder)
     base = {k: v.numpy().copy() for k, v in hf.state_dict().items()}
