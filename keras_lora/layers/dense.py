@@ -41,8 +41,9 @@ class LoRADense(LoRALayer):
     Args:
         units: Positive integer, dimensionality of the output space.
         rank, alpha, dropout, lora_a_initializer, lora_b_initializer,
-            lora_regularizer, train_bias, use_rslora, lora_init, use_dora:
-            The LoRA arguments, as in `LoRALayer`.
+            lora_regularizer, train_bias, use_rslora, lora_init, use_dora,
+            base_dtype, double_quant: The LoRA arguments, as in `LoRALayer`
+            (`base_dtype="nf4"` stores the kernel in 4 bits, QLoRA).
         activation: Activation function to use. Defaults to none.
         use_bias: Boolean, whether the layer uses a bias vector.
         kernel_initializer: Initializer for the frozen kernel.
