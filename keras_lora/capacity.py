@@ -168,8 +168,10 @@ def summarize(budget, probes):
         intercept, per_param = fit(params, [f["peak_bytes"] for f in figures])
         layer_params = figures[0]["params"] // figures[0]["depth"]
         depth, total = extrapolate(budget, intercept, per_param, layer_params)
+        _, resident = fit(params, [f["built_bytes"] for f in figures])
         rows[name] = {
             "per_param_bytes": per_param,
+            "resident_per_param_bytes": resident,
             "intercept_bytes": intercept,
             "layer_params": layer_params,
             "depth": depth,
@@ -210,14 +212,18 @@ def format_table(report):
         f"resident, not counted); width {report['width']}",
         "EXTRAPOLATED from a line fitted to the measured probes (largest "
         f"probe {probed:,} parameters); nothing this size was trained.",
+        "B/param: peak training memory per parameter; weights: resident "
+        "after building, per parameter; fixed: the fitted intercept.",
         "",
-        f"{'method':<13} {'B/param':>8} {'fixed MiB':>9} {'depth':>7} "
+        f"{'method':<13} {'B/param':>8} {'weights':>8} {'fixed MiB':>9} "
+        f"{'depth':>7} "
         f"{'parameters':>15} {'trainable':>12} {'vs full':>8}",
     ]
     for name, r in rows.items():
         ratio = "-" if r["vs_full"] is None else f"{r['vs_full']:.1f}x"
         lines.append(
             f"{name:<13} {r['per_param_bytes']:>8.2f} "
+            f"{r['resident_per_param_bytes']:>8.2f} "
             f"{r['intercept_bytes'] / 2**20:>9.1f} {r['depth']:>7,} "
             f"{r['params']:>15,} {r['trainable_params']:>12,} {ratio:>8}"
         )

@@ -86,6 +86,7 @@ def _probes(costs, intercept=8 * MiB, width=512, depths=(2, 4, 8)):
                     "trainable_params": params if name == "full" else depth,
                     "baseline_bytes": 700 * MiB,
                     "peak_bytes": intercept + cost * params,
+                    "built_bytes": cost / 2 * params,
                 }
             )
     return out
@@ -104,6 +105,7 @@ def test_fit_recovers_the_line_and_stays_monotone(budget):
     params = []
     for name, row in report["rows"].items():
         assert row["per_param_bytes"] == pytest.approx(COSTS[name])
+        assert row["resident_per_param_bytes"] == pytest.approx(COSTS[name] / 2)
         assert row["intercept_bytes"] == pytest.approx(8 * MiB, rel=1e-6)
         assert (row["depth"], row["params"]) == expected[name][1:]
         params.append(row["params"])
