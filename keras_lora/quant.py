@@ -136,7 +136,23 @@ def quantize(matrix, mode, axis=0, double_quant=False):
         codes = np.clip(np.round(matrix * scale), -127, 127)
         return {"codes": codes.astype("int8"), "scale": scale}
     n, cols = matrix.shape
-    padded = np.zeros((padded_length(n, mode), cols), "float32")
+    stored = padded_length(n, mode)
+    packed = np.empty((stored // 2, cols), "uint8")
+    absmax = np.empty((stored // NF4_BLOCK, cols), "float32")
+    # A few columns at a time: the temporaries stay near 2**22 entries.
+    step = max(1, 2**22 // stored)
+    for start in range(0, cols, step):
+        part = slice(start, start + step)
+        packed[:, part], absmax[:, part] = _nf4_columns(matrix[:, part], stored)
+    out = {"codes": packed, "scale": absmax}
+    if double_quant:
+        out.update(_quantize_scales(out["scale"]))
+    return out
+
+
+def _nf4_columns(matrix, stored):
+    n, cols = matrix.shape
+    padded = np.zeros((stored, cols), "float32")
     padded[:n] = matrix
     # (n, cols) -> (blocks, 64, cols); one abs-max per (block, column)
     blocks = padded.reshape(-1, NF4_BLOCK, cols)
@@ -145,11 +161,7 @@ def quantize(matrix, mode, axis=0, double_quant=False):
     normalised = (blocks / safe).reshape(-1, cols)
     middles = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
     codes = np.searchsorted(middles, normalised).astype("uint8")
-    packed = codes[0::2] | (codes[1::2] << 4)
-    out = {"codes": packed, "scale": absmax.astype("float32")}
-    if double_quant:
-        out.update(_quantize_scales(out["scale"]))
-    return out
+    return codes[0::2] | (codes[1::2] << 4), absmax
 
 
 def _quantize_scales(scale):
