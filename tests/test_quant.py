@@ -493,3 +493,23 @@ def test_compare_parameters_pairs_an_nf4_layer_by_its_float_shape():
     assert [row.kernel_shape for row in rows.rows] == [(100, 32), (32, 4)]
     # stored scalars: 64 x 32 bytes of codes and 2 x 32 scales
     assert rows.rows[0].frozen == 64 * 32 + 2 * 32
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_dora_reads_the_dequantised_kernel(mode):
+    dense = _dense(_gaussian((64, 8)))
+    layer = LoRADense.from_dense(dense, rank=2, use_dora=True, base_dtype=mode)
+    w = _np(layer.kernel_matrix())
+    # magnitude = column norms of the dequantised kernel, so at init the
+    # layer computes x @ dequant(W) + b
+    np.testing.assert_allclose(
+        _np(layer.lora_magnitude).reshape(-1), np.linalg.norm(w, axis=0), 1e-6
+    )
+    x = _gaussian((3, 64), 1)
+    np.testing.assert_allclose(
+        _np(layer(x)), x @ w + _np(dense.bias), rtol=1e-5, atol=1e-5
+    )
+    layer.lora_b.assign(_gaussian(layer.lora_b.shape, 2))
+    np.testing.assert_allclose(
+        _np(layer.to_dense()(x)), _np(layer(x)), rtol=1e-5, atol=1e-5
+    )
