@@ -381,6 +381,7 @@ def test_keras_int8_dense_is_kept_code_for_code():
         LoRADense.from_dense(dense, base_dtype="nf4")
 
 
+@pytest.mark.filterwarnings("ignore:Layer InputLayer does not have")
 def test_model_quantize_int8_reaches_our_layers_and_refuses_other_modes():
     model = _model(None)
     with pytest.raises(ValueError, match="quantize_base"):
