@@ -19,11 +19,16 @@ import numpy as np
 from keras import ops
 
 from keras_lora import quant
+from keras_lora.layers.quantize_entry import (  # noqa: F401
+    QuantizeEntry,
+    check_requantize,
+    requantize_base,
+)
 
 _SUFFIXES = ("_scale", "_scale_scale", "_scale_offset")
 
 
-class QuantizedBase:
+class QuantizedBase(QuantizeEntry):
     """Mixin giving every LoRA layer a choice of storage for its base."""
 
     # Kinds whose call reads the weight through `_frozen_for_call` or
@@ -221,144 +226,3 @@ class QuantizedBase:
     def _storage_variables(self):
         names = [self._frozen_var_name(s) for s in ("",) + _SUFFIXES]
         return [v for v in self.weights if v.name in names]
-
-    def quantize_base(self, mode, double_quant=False):
-        """Stores this built layer's float frozen weight as `mode` (one of
-        `"float32"`, `"bfloat16"`, `"float16"`, `"int8"`, `"nf4"`), once.
-
-        The factors and bias are kept. Raises `ValueError`, changing
-        nothing, if the layer is not built, is already stored in a low
-        precision, `mode` is unknown, or the weight holds NaN or inf.
-        Recompile a model after calling this on one of its layers.
-        """
-        self._require_built("quantize_base")
-        self._check_storage(mode, double_quant)
-        if mode is None:
-            raise ValueError(
-                "Expected a storage mode, one of "
-                f"{quant.BASE_DTYPES[1:]}. Received: mode=None"
-            )
-        if self.base_dtype is not None:
-            raise ValueError(
-                f"{type(self).__name__} '{self.name}' already stores its "
-                f"base as base_dtype={self.base_dtype!r}; quantize_base runs"
-                f" once. Received: mode={mode!r}"
-            )
-        if mode in quant.INT_MODES:
-            self._refuse_regularizer(self._frozen_regularizer(), mode)
-        old = self.frozen_weight
-        value = np.asarray(ops.convert_to_numpy(old), "float32")
-        quant.check_finite(value, f"the frozen weight of '{self.name}'")
-        shape = tuple(old.shape)
-        stored = None
-        if mode in quant.INT_MODES:
-            matrix = self._numpy_matrix(value, shape)
-            stored = quant.quantize(matrix, mode, self.quant_axis, double_quant)
-        # Every check passed: swap the storage.
-        self._tracker.unlock()
-        try:
-            delattr(self, self.frozen_name)
-            self.base_dtype = mode
-            self.double_quant = double_quant
-            if stored is None:
-                new = self.add_weight(
-                    name=self.frozen_name,
-                    shape=shape,
-                    initializer="zeros",
-                    dtype=mode,
-                    trainable=False,
-                )
-                new.assign(value)
-            else:
-                self._frozen_shape = shape
-                new = self._add_storage(stored)
-            setattr(self, self.frozen_name, new)
-        finally:
-            self._tracker.lock()
-        if keras.backend.backend() == "torch":
-            self._track_variables()
-
-    def _refuse_split_of_int_base(self):
-        if self.base_dtype in quant.INT_MODES:
-            raise ValueError(
-                f"{type(self).__name__} '{self.name}' cannot split its "
-                f"base: it is stored as base_dtype={self.base_dtype!r}. "
-                "Expected a float base; for QPiSSA (split, then quantise "
-                "the residual) use `from_base(layer, lora_init='pissa', "
-                "base_dtype=...)` or `apply_lora(..., lora_init='pissa', "
-                "base_dtype=...)`."
-            )
-
-    def _frozen_regularizer(self):
-        if self.frozen_name == "kernel":
-            return getattr(self, "kernel_regularizer", None)
-        return getattr(self, self.frozen_name + "_regularizer", None)
-
-    def quantize(self, mode=None, type_check=True, config=None):
-        """`keras.Model.quantize` support: `"int8"` with the default weight
-        quantizer stores the frozen base as int8, weight-only (see
-        `quantize_base`; an activation quantizer is not used); any other
-        mode or weight quantizer raises `ValueError` pointing to
-        `quantize_base`."""
-        custom = getattr(config, "weight_quantizer", None) is not None
-        if mode != "int8" or custom:
-            raise ValueError(
-                f"{type(self).__name__} '{self.name}' quantises only its "
-                "frozen base, and through Keras only as int8. Received: "
-                f"mode={mode!r}, config={config!r}. Use "
-                "`layer.quantize_base('int8' or 'nf4')` or "
-                "`apply_lora(model, base_dtype=...)`."
-            )
-        self.quantize_base("int8")
-
-    def save_own_variables(self, store):
-        if self.base_dtype is None:
-            return super().save_own_variables(store)
-        # By name: a base quantised after building lists its variables in
-        # another order than a layer built quantised.
-        for variable in self.weights:
-            store[variable.name] = variable
-
-    def load_own_variables(self, store):
-        if self.base_dtype is None:
-            return super().load_own_variables(store)
-        mine = {v.name: v for v in self.weights}
-        if set(store.keys()) != set(mine):
-            raise ValueError(
-                f"Expected the variables {sorted(mine)} for layer "
-                f"'{self.name}' (base_dtype={self.base_dtype!r}). Received: "
-                f"{sorted(store.keys())}"
-            )
-        for name, variable in mine.items():
-            variable.assign(store[name])
-
-
-def check_requantize(layer, requantize):
-    """Raises `ValueError` unless `requantize` is None, or "int8" for a
-    LoRA kind whose merged base Keras quantises in our int8 layout."""
-    if requantize is None:
-        return
-    if requantize != "int8" or not layer.keeps_keras_int8:
-        raise ValueError(
-            f"Expected requantize=None, or 'int8' for a LoRADense or "
-            f"LoRAEmbedding. Received: requantize={requantize!r} for "
-            f"{type(layer).__name__} '{layer.name}'."
-        )
-
-
-def requantize_base(base, mode):
-    """Quantises a merged float Dense or Embedding `base` with Keras's own
-    `quantize(mode)` and records the weight's relative Frobenius error,
-    `||dequantised - merged|| / ||merged||`, as `base.requantization_error`.
-    (Keras's int8 layers also quantise their inputs in the call.)"""
-    name = (
-        "embeddings" if isinstance(base, keras.layers.Embedding) else ("kernel")
-    )
-    merged = np.asarray(ops.convert_to_numpy(getattr(base, name)), "float64")
-    base.quantize(mode)
-    codes = np.asarray(ops.convert_to_numpy(getattr(base, name)), "float64")
-    scale = np.asarray(ops.convert_to_numpy(getattr(base, name + "_scale")))
-    scale = scale[:, None] if name == "embeddings" else scale[None, :]
-    error = np.linalg.norm(codes / scale - merged)
-    base.requantization_error = float(error / np.linalg.norm(merged))
-    return base
