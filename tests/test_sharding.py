@@ -129,6 +129,12 @@ def test_layout_map_rules_follow_kernels():
             prefix = f"transformer_layer_0/{sub}"
             assert list(layout[f"{prefix}/lora_a"].axes) == a, sub
             assert list(layout[f"{prefix}/lora_b"].axes) == b, sub
+    # DoRA's magnitude, one value per output unit: the output axes' layout,
+    # i.e. lora_b's without the rank axis.
+    dora = lora_layout_map(source, apply_lora(base, rank=2, use_dora=True))
+    for sub, (_, b) in EXPECTED.items():
+        axes = dora[f"transformer_layer_0/{sub}/lora_magnitude"].axes
+        assert list(axes) == b[1:], sub
     # A kernel the map leaves unset leaves its factors unset (replicated).
     assert rules["token_embedding/lora_a"] is None
 
