@@ -122,6 +122,26 @@ def test_an_int8_base_with_other_codes_is_refused(tmp_path):
         load_adapters(other, path)
 
 
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_a_base_with_the_same_codes_and_other_scales_is_refused(
+    tmp_path, mode
+):
+    # Twice the kernel has the very same codes (abs-max formats): only the
+    # scales tell the two bases apart, so the fingerprint must cover them.
+    base = _base()
+    path = tmp_path / "scaled.lora.h5"
+    save_adapters(_nudge(apply_lora(base, rank=2, base_dtype=mode)), path)
+    doubled = keras.models.clone_model(base)
+    for w, v in zip(doubled.weights, base.weights):
+        w.assign(2 * _np(v))
+    other = apply_lora(doubled, rank=2, base_dtype=mode)
+    mine = apply_lora(base, rank=2, base_dtype=mode)
+    for a, b in zip(other.layers, mine.layers):
+        np.testing.assert_array_equal(_np(a.kernel), _np(b.kernel))
+    with pytest.raises(AdapterMismatchError, match="base_fingerprint"):
+        load_adapters(other, path)
+
+
 def test_old_files_without_base_dtype_load_into_float_bases(tmp_path):
     base = _base()
     path = tmp_path / "old.lora.h5"
