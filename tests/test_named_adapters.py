@@ -562,3 +562,28 @@ def test_dora_layers_are_refused():
     with pytest.raises(ValueError, match="DoRA"):
         add_adapter(model, "b")
     _assert_same_values(before, _values(model))
+
+
+def test_a_traced_predict_sees_a_wider_adapter_loaded_after_it(two, tmp_path):
+    base, model, _, _ = two
+    model.predict(X, verbose=0)  # traces with the rank-3 slot
+    big = _trained(base, 5, rank=6)
+    path = tmp_path / "big.lora.h5"
+    save_adapters(big, path)
+    load_adapters(model, path, name="big")  # the slot grows to 6
+    set_adapter(model, "big")
+    np.testing.assert_allclose(
+        model.predict(X, verbose=0), _predict(big), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_combine_sums_the_bias_changes_by_weight(two):
+    base, model, a, b = two
+    combine_adapters(model, {"default": 0.7, "b": -1.5}, name="c")
+    for path, layer in _tree.lora_layers(model).items():
+        start = _np(_tree.find(base, keras.layers.Dense)[path].bias)
+        ba = _np(_tree.lora_layers(a)[path].bias)
+        bb = _np(_tree.lora_layers(b)[path].bias)
+        stored = layer.__dict__["_named_adapters"].adapters["c"]
+        expected = start + 0.7 * (ba - start) - 1.5 * (bb - start)
+        np.testing.assert_allclose(_np(stored.bias), expected, rtol=1e-5)
