@@ -30,7 +30,7 @@ def _independent(budget, probes):
 @pytest.fixture(scope="module")
 def report():
     out = io.StringIO()
-    argv = ["capacity", "--width", "256", "--depths", "1,3"]
+    argv = ["capacity", "--width", "256", "--depths", "1,4"]
     argv += ["--methods", "lora_nf4", "--steps", "1", "--batch", "2"]
     with redirect_stdout(out), redirect_stderr(io.StringIO()):
         assert main(argv + ["--memory", "64MiB", "--json"]) == 0
@@ -41,14 +41,15 @@ def test_real_run_reports_what_it_measured(report):
     assert set(report["rows"]) == {"full", "lora_nf4"}
     assert report["budget_bytes"] == 64 * MiB
     for row in report["rows"].values():
-        assert [p["depth"] for p in row["probes"]] == [1, 3]
+        assert [p["depth"] for p in row["probes"]] == [1, 4]
         for p in row["probes"]:
             assert p["params"] == parameters(p)
             assert p["peak_bytes"] > 0 and p["baseline_bytes"] > 100 * MiB
     full = report["rows"]["full"]
     # Full fine-tuning holds kernel, gradient and two Adam slots: at least
-    # 16 bytes a parameter, whatever else a step keeps.
-    assert full["per_param_bytes"] >= 16 * 0.9
+    # 16 bytes a parameter, whatever else a step keeps (less 20% for the
+    # resident set's noise on a 3 MiB difference).
+    assert full["per_param_bytes"] >= 16 * 0.8
     assert full["trainable_params"] == full["depth"] * (256 * 256 + 256)
 
 
