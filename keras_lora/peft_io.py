@@ -23,13 +23,34 @@ Sources: PEFT `src/peft/tuners/lora/` (config, layer, `get_pattern_key`,
 import json
 import os
 
-from keras_lora import _peft_import, _peft_maps, _tree
+from keras_lora import (
+    _adapter_slots,
+    _named_state,
+    _peft_import,
+    _peft_maps,
+    _tree,
+)
 from keras_lora.adapters import AdapterMismatchError
 from keras_lora.layers import LoRALayer
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 __all__ = ["load_peft_adapters", "read_peft_adapters", "save_peft_adapters"]
+
+
+def _refuse_named(model, call):
+    """A layer holding named adapters keeps its slot's scales apart from
+    `rank` / `alpha` (`keras_lora.named_adapters`): neither direction can
+    read or write it as one PEFT adapter."""
+    lora = _tree.find(model, LoRALayer).values()
+    if any(_adapter_slots.slots_of(layer) for layer in lora):
+        raise ValueError(
+            f"Expected a model with one adapter for `{call}`. Received: a "
+            "model with named adapters "
+            f"{_named_state.list_adapters(model)}. Save the one you want "
+            "with `save_adapters(model, path, name=...)` and load it into "
+            "a plain `apply_lora` model first."
+        )
 
 
 def read_peft_adapters(folder):
@@ -107,7 +128,8 @@ def load_peft_adapters(model, folder):
         ValueError: the adapter is not LoRA, targets unknown modules, is for
             another architecture, has unsupported options, or its files are
             corrupt; `AdapterMismatchError` (a `ValueError`) lists every
-            layer that does not fit.
+            layer that does not fit. A model with named adapters
+            (`add_adapter`) is refused.
     """
     from keras_lora.workflow import apply_lora
 
@@ -115,6 +137,7 @@ def load_peft_adapters(model, folder):
     table = _peft_maps.map_for(model)
     config, tensors = read_peft_adapters(folder)
     _peft_import.check_config(config, table)
+    _refuse_named(model, "load_peft_adapters")
     plan, problems = _peft_import.plan(model, table, config, tensors)
     lora = _tree.find(model, LoRALayer)
     if lora and not problems:
@@ -162,10 +185,12 @@ def save_peft_adapters(model, folder, base_model_name_or_path=None):
     Raises:
         TypeError: `model` is not a backbone with a name table.
         ValueError: a LoRA layer PEFT cannot describe (another layer, a
-            PiSSA split, a training bias, mixed `use_rslora`), all listed.
+            PiSSA split, a training bias, mixed `use_rslora`), all listed;
+            a model with named adapters (`add_adapter`).
     """
     from keras_lora import _peft_export
 
     _tree.require_model(model)
+    _refuse_named(model, "save_peft_adapters")
     config, tensors = _peft_export.peft_files(model, base_model_name_or_path)
     _peft_export.write_folder(folder, config, tensors)

@@ -587,3 +587,36 @@ def test_combine_sums_the_bias_changes_by_weight(two):
         stored = layer.__dict__["_named_adapters"].adapters["c"]
         expected = start + 0.7 * (ba - start) - 1.5 * (bb - start)
         np.testing.assert_allclose(_np(stored.bias), expected, rtol=1e-5)
+
+
+def test_peft_files_are_refused_with_named_adapters(tmp_path):
+    # The slot's scales are not `alpha / rank`: PEFT's config could not
+    # describe it (a wrong adapter was written before this refusal).
+    keras_hub = pytest.importorskip("keras_hub")
+    from keras_lora import load_peft_adapters, save_peft_adapters
+
+    def backbone():
+        keras.utils.set_random_seed(0)
+        return keras_hub.models.LlamaBackbone(
+            vocabulary_size=20,
+            num_layers=1,
+            num_query_heads=2,
+            num_key_value_heads=1,
+            hidden_dim=8,
+            intermediate_dim=16,
+        )
+
+    plain = apply_lora(backbone(), rank=2, alpha=4.0)
+    save_peft_adapters(plain, tmp_path / "peft")
+    model = apply_lora(backbone(), rank=2, alpha=4.0)
+    add_adapter(model, "t2", rank=3, alpha=12.0)
+    set_adapter(model, "t2")
+    before = _values(model)
+    for call in (
+        lambda: save_peft_adapters(model, tmp_path / "out"),
+        lambda: load_peft_adapters(model, tmp_path / "peft"),
+    ):
+        with pytest.raises(ValueError, match=r"named adapters \['default'"):
+            call()
+    _assert_same_values(before, _values(model))
+    assert not (tmp_path / "out").exists()
