@@ -190,6 +190,19 @@ def test_float_base_equals_a_dense_with_the_rounded_kernel(mode):
     np.testing.assert_array_equal(_np(layer.kernel_matrix()), rounded)
 
 
+@pytest.mark.parametrize("mode, bits", [("bfloat16", 8), ("float16", 11)])
+def test_float_base_error_is_the_unit_roundoff_the_readme_states(mode, bits):
+    # README: round to nearest, at most 2^-8 (bfloat16, 8 significand
+    # bits) / 2^-11 (float16, 11 bits) of |w|; the bound is reached.
+    w = _gaussian((256, 64), 3)
+    layer = LoRADense.from_dense(_dense(w), rank=2, base_dtype=mode)
+    tiny = ml_dtypes.finfo(getattr(ml_dtypes, mode, mode)).tiny
+    normal = np.abs(w) >= tiny  # below: subnormals, an absolute step
+    rel = np.abs(_np(layer.kernel_matrix()) - w)[normal] / np.abs(w[normal])
+    assert rel.max() <= 2.0**-bits
+    assert rel.max() > 2.0 ** -(bits + 1)
+
+
 def test_float32_and_none_are_todays_layer_bit_for_bit():
     w = _gaussian((32, 16))
     x = _gaussian((5, 32), 2)
