@@ -123,9 +123,7 @@ def test_an_int8_base_with_other_codes_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
-def test_a_base_with_the_same_codes_and_other_scales_is_refused(
-    tmp_path, mode
-):
+def test_a_base_with_the_same_codes_and_other_scales_is_refused(tmp_path, mode):
     # Twice the kernel has the very same codes (abs-max formats): only the
     # scales tell the two bases apart, so the fingerprint must cover them.
     base = _base()
