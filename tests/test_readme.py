@@ -53,6 +53,10 @@ def test_python_examples_run(tmp_path, monkeypatch, capsys):
         rtol=1e-5,
         atol=1e-5,
     )
+    # Named adapters: what the example prints, and the trained tasks differ.
+    assert "['b', 'mean', 'mean_again'] ['b']" in out
+    xs = namespace["xs"]
+    assert not np.allclose(namespace["tasks"](xs), namespace["shared"](xs))
     # Mixed-batch serving: id -1 rows are the base's, the others are not.
     served, ids = namespace["outputs"], namespace["batch_ids"]
     base_out = np.asarray(namespace["task_base"](namespace["batch_x"]))
