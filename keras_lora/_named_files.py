@@ -82,6 +82,12 @@ def _problems(layers, saved):
                 )
         if record.get("use_dora"):
             problems.append(f"'{path}': a DoRA adapter, not a plain LoRA one")
+        if record.get("lora_init") == "pissa":
+            # Its factors belong to the residual, not to the shared base.
+            problems.append(
+                f"'{path}': a PiSSA adapter (lora_init='pissa'), whose "
+                "frozen weight is a residual, not the base"
+            )
         rank = record["rank"]
         want = {
             "lora_a": tuple(layer.lora_a.shape[:-1]) + (rank,),

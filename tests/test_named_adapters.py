@@ -544,6 +544,13 @@ def test_bad_input_on_other_models(tmp_path):
     assert list_adapters(model) == ["default"]
     with pytest.raises(KeyError, match="nope"):
         set_adapter(model, "nope")
+    # A PiSSA file's factors belong to its residual (its fingerprint is the
+    # base's): refused, not added to the shared base.
+    save_adapters(apply_lora(base, rank=2, lora_init="pissa"), tmp_path / "p")
+    with pytest.raises(AdapterMismatchError, match="PiSSA"):
+        load_adapters(model, tmp_path / "p", name="p")
+    _assert_same_values(before, _values(model))
+    assert list_adapters(model) == ["default"]
     for kwargs, match in (({"lora_init": "pissa"}, "PiSSA"),):
         other = apply_lora(base, rank=2, **kwargs)
         before = _values(other)
