@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_lora import _checks
+from keras_lora import _checks, quant, quant_matmul
 from keras_lora.layers import dora
 from keras_lora.layers.base import LoRALayer
 from keras_lora.linalg import frozen_matmul
@@ -140,9 +140,11 @@ class LoRADense(LoRALayer):
     def call(self, inputs, training=None):
         if not keras.backend.is_float_dtype(inputs.dtype):
             inputs = ops.cast(inputs, self.compute_dtype)
-        kernel = self._frozen_for_call()
         # (..., in) @ (in, units) -> (..., units); no gradient reaches W.
-        outputs = frozen_matmul(inputs, kernel)
+        if self.base_dtype in quant.INT_MODES:
+            outputs = quant_matmul.layer_matmul(self, inputs)
+        else:
+            outputs = frozen_matmul(inputs, self._frozen_for_call())
         lora_inputs = self._lora_inputs(inputs, training)
         # (..., in) @ (in, r) -> (..., r), scaled while small
         x_r = ops.multiply(ops.matmul(lora_inputs, self.lora_a), self.scale)

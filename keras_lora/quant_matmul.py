@@ -1,0 +1,117 @@
+"""`x @ dequant(stored)` for a frozen int8 / NF4 base, without keeping a
+float copy of the weight alive longer than one product.
+
+On TensorFlow a dequantisation has no data dependency on the layer's
+input, so the graph may run every layer's at the start of a step, and the
+float weight a matmul uses is saved for the input gradient: a train step
+then holds a float32 copy of every layer's weight at once. Here the
+product is a custom gradient that
+
+- orders the dequantisation after the input in the forward pass and after
+  the incoming gradient in the backward pass, by adding an exact zero
+  computed from one element (`abs(t) < 0`, False even for NaN) to the
+  stored codes;
+- recomputes the weight in the backward pass instead of saving it, and
+  forms the input gradient as `(W @ dy^T)^T` (see `linalg.frozen_matmul`).
+
+The stored base gets no gradient. Other backends take the plain path
+(dequantise, stop the gradient, multiply).
+
+NF4 is dequantised through a 256-entry table from a packed byte to its two
+levels (`nf4_lut_dequantize`): one gather, one multiply by the scales.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora import quant
+
+# NF4_PAIRS[b] = (level of b's low nibble, level of b's high nibble)
+NF4_PAIRS = np.stack(
+    [quant.NF4_LEVELS[np.arange(256) & 15], quant.NF4_LEVELS[np.arange(256) >> 4]],
+    axis=1,
+).astype("float32")
+
+
+def nf4_lut_dequantize(codes, scale, length):
+    """`quant.dequantize("nf4", codes, scale, length, axis=0)`, the same
+    numbers, by one table gather: codes `(n/2, cols)` uint8, scale
+    `(n/64, cols)` float32; returns `(length, cols)` float32."""
+    codes = ops.convert_to_tensor(codes)
+    cols = codes.shape[1]
+    # (n/2, cols) -> (n/2, cols, 2): a byte's low then high level
+    pairs = ops.take(ops.convert_to_tensor(NF4_PAIRS), ops.cast(codes, "int32"), 0)
+    # entries 2i (low) and 2i + 1 (high) are consecutive rows
+    levels = ops.transpose(pairs, (0, 2, 1))
+    # (n, cols) -> (blocks, 64, cols) * (blocks, 1, cols)
+    blocked = ops.reshape(levels, (-1, quant.NF4_BLOCK, cols))
+    values = blocked * ops.expand_dims(scale, 1)
+    return ops.reshape(values, (-1, cols))[:length]
+
+
+def dequantize_matrix(mode, codes, scale, length):
+    """The float32 `(length, cols)` matrix of stored int8 or NF4 codes
+    (scales along axis 0)."""
+    if mode == "nf4":
+        return nf4_lut_dequantize(codes, scale, length)
+    return quant.dequantize(mode, codes, scale, length, 0)
+
+
+def layer_matmul(layer, inputs):
+    """`inputs @ W` for a built LoRA layer whose `(in, out)` base is stored
+    as int8 or NF4 (scales along axis 0), such as LoRADense."""
+    scale = quant.dequantize_scale(
+        layer._stored("_scale"),
+        layer._stored("_scale_scale"),
+        layer._stored("_scale_offset"),
+    )
+    length = layer._matrix_shape()[0]
+    return stored_matmul(inputs, layer.base_dtype, layer.frozen_weight, scale, length)
+
+
+def stored_matmul(inputs, mode, codes, scale, length):
+    """`inputs @ W` for `W = dequantize_matrix(mode, codes, scale,
+    length)` cast to the inputs' dtype, no gradient to the stored base
+    (`codes`: a tensor or variable; `scale`: float32)."""
+    codes = ops.convert_to_tensor(codes)
+    scale = ops.convert_to_tensor(scale)
+    if keras.backend.backend() != "tensorflow":
+        weight = dequantize_matrix(mode, codes, scale, length)
+        weight = ops.stop_gradient(ops.cast(weight, inputs.dtype))
+        return ops.matmul(inputs, weight)
+    return _recomputing_matmul(inputs, mode, codes, scale, length)
+
+
+def _weight(mode, codes, scale, length, dtype):
+    return ops.cast(dequantize_matrix(mode, codes, scale, length), dtype)
+
+
+def _after(codes, tensor):
+    """`codes`, unchanged, but computed after `tensor` (exact: adds 0)."""
+    first = ops.reshape(tensor, (-1,))[:1]
+    # abs(t) < 0 is False for every t, NaN and inf included
+    zero = ops.cast(ops.less(ops.abs(first), 0), codes.dtype)
+    return codes + zero
+
+
+def _recomputing_matmul(inputs, mode, codes, scale, length):
+    @ops.custom_gradient
+    def matmul(x):
+        weight = _weight(mode, _after(codes, x), scale, length, x.dtype)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            again = _weight(
+                mode, _after(codes, upstream), scale, length, upstream.dtype
+            )
+            # (N, units) -> (in, units) @ (units, N) -> (in, N) -> (N, in)
+            flat = ops.reshape(upstream, (-1, again.shape[-1]))
+            dx = ops.transpose(ops.matmul(again, ops.transpose(flat)))
+            return ops.reshape(dx, ops.shape(x))
+
+        # (..., in) @ (in, units) -> (..., units)
+        return ops.matmul(x, weight), grad
+
+    return matmul(inputs)

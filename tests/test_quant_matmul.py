@@ -1,0 +1,152 @@
+"""`quant_matmul`: the table dequantisation of NF4 equals `quant.dequantize`
+bit for bit; the recomputing product on a stored base gives the plain
+path's numbers and gradients (numpy reference), no gradient to the base,
+and (TensorFlow) its dequantisations run after the input / the gradient."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_lora import quant, quant_matmul
+from keras_lora.layers import LoRADense
+
+MODES = ("int8", "nf4")
+
+
+def _stored(mode, n=100, cols=24, seed=0):
+    w = np.random.default_rng(seed).normal(size=(n, cols)).astype("float32")
+    stored = quant.quantize(w, mode)
+    scale = quant.dequantize_scale(ops.convert_to_tensor(stored["scale"]))
+    codes = ops.convert_to_tensor(stored["codes"])
+    reference = ops.convert_to_numpy(quant.dequantize(mode, codes, scale, n))
+    return codes, scale, reference
+
+
+@pytest.mark.parametrize("n", [64, 100, 256])
+def test_nf4_table_equals_the_reference_bit_for_bit(n):
+    codes, scale, reference = _stored("nf4", n=n)
+    ours = ops.convert_to_numpy(quant_matmul.nf4_lut_dequantize(codes, scale, n))
+    assert ours.shape == reference.shape == (n, 24)
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_nf4_pairs_table_decodes_both_nibbles():
+    byte = np.arange(256)
+    np.testing.assert_array_equal(
+        quant_matmul.NF4_PAIRS[:, 0], quant.NF4_LEVELS[byte % 16]
+    )
+    np.testing.assert_array_equal(
+        quant_matmul.NF4_PAIRS[:, 1], quant.NF4_LEVELS[byte // 16]
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_product_equals_the_dequantised_matmul(mode):
+    codes, scale, w = _stored(mode)
+    x = np.random.default_rng(1).normal(size=(5, 100)).astype("float32")
+    y = quant_matmul.stored_matmul(ops.convert_to_tensor(x), mode, codes, scale, 100)
+    np.testing.assert_allclose(ops.convert_to_numpy(y), x @ w, rtol=1e-5, atol=1e-5)
+
+
+def _tf():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the recomputing custom gradient is TensorFlow's path")
+    import tensorflow as tf
+
+    return tf
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_input_gradient_equals_numpy_and_nan_stays_in_its_row(mode):
+    tf = _tf()
+    codes, scale, w = _stored(mode)
+    x = np.random.default_rng(2).normal(size=(3, 4, 100)).astype("float32")
+    dy = np.random.default_rng(3).normal(size=(3, 4, 24)).astype("float32")
+
+    @tf.function
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = quant_matmul.stored_matmul(x, mode, codes, scale, 100)
+            loss = tf.reduce_sum(y * dy)
+        return y, tape.gradient(loss, x)
+
+    y, dx = run(tf.constant(x))
+    np.testing.assert_allclose(y.numpy(), x @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx.numpy(), dy @ w.T, rtol=1e-5, atol=1e-5)
+    # The ordering zero comes from the first element; a NaN there must not
+    # spread beyond the row it is in.
+    x[0, 0, 0] = np.nan
+    y, _ = run(tf.constant(x))
+    assert np.isnan(y.numpy()[0, 0]).all()
+    np.testing.assert_allclose(y.numpy()[1:], x[1:] @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_factor_gradients_exact_and_no_gradient_to_the_base(mode):
+    tf = _tf()
+    layer = LoRADense(24, rank=3, base_dtype=mode, lora_init="gaussian")
+    layer.build((None, 100))
+    layer.lora_b.assign(np.random.default_rng(4).normal(size=(3, 24)) * 0.1)
+    w = ops.convert_to_numpy(layer.dequantized_frozen_weight())
+    a, b = (ops.convert_to_numpy(v) for v in (layer.lora_a, layer.lora_b))
+    x = np.random.default_rng(5).normal(size=(6, 100)).astype("float32")
+    dy = np.random.default_rng(6).normal(size=(6, 24)).astype("float32")
+    watched = [layer.lora_a, layer.lora_b, layer.bias, layer.kernel]
+
+    @tf.function
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) * dy)
+        return tape.gradient(loss, [x] + watched)
+
+    dx, da, db, dbias, dbase = run(tf.constant(x))
+    s = layer.scale
+    np.testing.assert_allclose(da.numpy(), s * x.T @ dy @ b.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(db.numpy(), s * (x @ a).T @ dy, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dbias.numpy(), dy.sum(0), rtol=1e-5, atol=1e-5)
+    expected_dx = dy @ (w + s * a @ b).T
+    np.testing.assert_allclose(dx.numpy(), expected_dx, rtol=1e-4, atol=1e-5)
+    assert dbase is None
+    assert not any(v is layer.kernel for v in layer.trainable_variables)
+
+
+def _ancestors(tensor):
+    seen, stack = set(), [tensor.op]
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        stack.extend(t.op for t in op.inputs)
+        stack.extend(op.control_inputs)
+    return seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_dequantisation_runs_after_the_input_or_the_gradient(mode):
+    tf = _tf()
+    codes, scale, _ = _stored(mode)
+
+    def step(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = quant_matmul.stored_matmul(x, mode, codes, scale, 100)
+        return tape.gradient(y, x, output_gradients=dy)
+
+    spec = (tf.TensorSpec((None, 100)), tf.TensorSpec((None, 24), name="dy"))
+    graph = tf.function(step).get_concrete_function(*spec).graph
+    x_op, dy_op = (t.op.name for t in graph.inputs[:2])
+    # The cast of the codes (int8) / the table gather (NF4): one per pass.
+    kind = "Cast" if mode == "int8" else "GatherV2"
+    big = [
+        op
+        for op in graph.get_operations()
+        if op.type == kind and op.outputs[0].shape.num_elements() == 100 * 24
+        or op.type == kind and mode == "nf4"
+    ]
+    assert len(big) == 2, [op.name for op in big]
+    after = [{x_op, dy_op} & _ancestors(op.outputs[0]) for op in big]
+    assert sorted(map(sorted, after)) == [[dy_op], [x_op]]
