@@ -29,7 +29,10 @@ from keras_lora import quant
 
 # NF4_PAIRS[b] = (level of b's low nibble, level of b's high nibble)
 NF4_PAIRS = np.stack(
-    [quant.NF4_LEVELS[np.arange(256) & 15], quant.NF4_LEVELS[np.arange(256) >> 4]],
+    [
+        quant.NF4_LEVELS[np.arange(256) & 15],
+        quant.NF4_LEVELS[np.arange(256) >> 4],
+    ],
     axis=1,
 ).astype("float32")
 
@@ -41,7 +44,9 @@ def nf4_lut_dequantize(codes, scale, length):
     codes = ops.convert_to_tensor(codes)
     cols = codes.shape[1]
     # (n/2, cols) -> (n/2, cols, 2): a byte's low then high level
-    pairs = ops.take(ops.convert_to_tensor(NF4_PAIRS), ops.cast(codes, "int32"), 0)
+    pairs = ops.take(
+        ops.convert_to_tensor(NF4_PAIRS), ops.cast(codes, "int32"), 0
+    )
     # entries 2i (low) and 2i + 1 (high) are consecutive rows
     levels = ops.transpose(pairs, (0, 2, 1))
     # (n, cols) -> (blocks, 64, cols) * (blocks, 1, cols)
@@ -67,7 +72,9 @@ def layer_matmul(layer, inputs):
         layer._stored("_scale_offset"),
     )
     length = layer._matrix_shape()[0]
-    return stored_matmul(inputs, layer.base_dtype, layer.frozen_weight, scale, length)
+    return stored_matmul(
+        inputs, layer.base_dtype, layer.frozen_weight, scale, length
+    )
 
 
 def stored_matmul(inputs, mode, codes, scale, length):

@@ -26,7 +26,9 @@ def _stored(mode, n=100, cols=24, seed=0):
 @pytest.mark.parametrize("n", [64, 100, 256])
 def test_nf4_table_equals_the_reference_bit_for_bit(n):
     codes, scale, reference = _stored("nf4", n=n)
-    ours = ops.convert_to_numpy(quant_matmul.nf4_lut_dequantize(codes, scale, n))
+    ours = ops.convert_to_numpy(
+        quant_matmul.nf4_lut_dequantize(codes, scale, n)
+    )
     assert ours.shape == reference.shape == (n, 24)
     np.testing.assert_array_equal(ours, reference)
 
@@ -45,8 +47,12 @@ def test_nf4_pairs_table_decodes_both_nibbles():
 def test_product_equals_the_dequantised_matmul(mode):
     codes, scale, w = _stored(mode)
     x = np.random.default_rng(1).normal(size=(5, 100)).astype("float32")
-    y = quant_matmul.stored_matmul(ops.convert_to_tensor(x), mode, codes, scale, 100)
-    np.testing.assert_allclose(ops.convert_to_numpy(y), x @ w, rtol=1e-5, atol=1e-5)
+    y = quant_matmul.stored_matmul(
+        ops.convert_to_tensor(x), mode, codes, scale, 100
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(y), x @ w, rtol=1e-5, atol=1e-5
+    )
 
 
 def _tf():
@@ -104,8 +110,12 @@ def test_factor_gradients_exact_and_no_gradient_to_the_base(mode):
 
     dx, da, db, dbias, dbase = run(tf.constant(x))
     s = layer.scale
-    np.testing.assert_allclose(da.numpy(), s * x.T @ dy @ b.T, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(db.numpy(), s * (x @ a).T @ dy, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        da.numpy(), s * x.T @ dy @ b.T, rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        db.numpy(), s * (x @ a).T @ dy, rtol=1e-4, atol=1e-5
+    )
     np.testing.assert_allclose(dbias.numpy(), dy.sum(0), rtol=1e-5, atol=1e-5)
     expected_dx = dy @ (w + s * a @ b).T
     np.testing.assert_allclose(dx.numpy(), expected_dx, rtol=1e-4, atol=1e-5)
@@ -144,8 +154,10 @@ def test_each_dequantisation_runs_after_the_input_or_the_gradient(mode):
     big = [
         op
         for op in graph.get_operations()
-        if op.type == kind and op.outputs[0].shape.num_elements() == 100 * 24
-        or op.type == kind and mode == "nf4"
+        if op.type == kind
+        and op.outputs[0].shape.num_elements() == 100 * 24
+        or op.type == kind
+        and mode == "nf4"
     ]
     assert len(big) == 2, [op.name for op in big]
     after = [{x_op, dy_op} & _ancestors(op.outputs[0]) for op in big]
