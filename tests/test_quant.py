@@ -254,6 +254,30 @@ def test_base_is_bit_identical_after_fit_and_factors_move_in_every_mode():
         assert not np.array_equal(_np(w), factors[w.path]), w.path
 
 
+@pytest.mark.parametrize(
+    "mode, double_quant", [("int8", 0), ("nf4", 0), ("nf4", 1)]
+)
+def test_no_float_copy_of_the_stored_base_is_kept(mode, double_quant):
+    # After a fit, the only float state beside the factors and bias is the
+    # scales (at most one per 64 entries): no variable and no attribute
+    # holds the dequantised kernel between steps.
+    model = _model(mode, bool(double_quant))
+    model.fit(_gaussian((8, 64)), _gaussian((8, 3)), verbose=0)
+    for layer in model.layers[1:]:
+        size = math.prod(layer.frozen_shape)
+        stored = [v for v in layer.weights if not v.trainable]
+        floats = [v for v in stored if "float" in v.dtype]
+        assert sum(math.prod(v.shape) for v in floats) <= size / 64
+        assert quant.base_storage_bytes(layer) == sum(
+            np.dtype(v.dtype).itemsize * math.prod(v.shape) for v in stored
+        )
+        for name, value in vars(layer).items():
+            if hasattr(value, "shape") and not isinstance(
+                value, keras.Variable
+            ):
+                assert math.prod(value.shape or ()) < size, name
+
+
 def _square(n, mode, double_quant=False):
     layer = LoRADense(n, rank=4, base_dtype=mode, double_quant=double_quant)
     layer.build((None, n))
