@@ -82,6 +82,13 @@ def _refuse_unservable(path):
             )
         if record.get("use_dora"):
             problems.append(f"'{layer_path}': a DoRA adapter (use_dora)")
+        if record.get("base_dtype") not in (None, "float32"):
+            # Trained on the stored base, not on the float one served here.
+            problems.append(
+                f"'{layer_path}': trained on a base_dtype="
+                f"'{record['base_dtype']}' base (the serving layers compute "
+                "with the float base; merge it and serve that model)"
+            )
     if problems:
         raise ValueError(
             f"Expected adapter files the serving layers can compute. "

@@ -284,6 +284,11 @@ def test_unservable_kinds_and_lora_bases_are_refused(tmp_path):
     save_adapters(apply_lora(dense, rank=2, lora_init="pissa"), pissa)
     with pytest.raises(ValueError, match="lora_init='pissa'"):
         build_multi_adapter_model(dense, [pissa])
+    # Trained against NF4 codes: the float base would not be its base.
+    nf4 = tmp_path / "nf4.lora.h5"
+    save_adapters(_perturb(apply_lora(dense, rank=2, base_dtype="nf4"), 0), nf4)
+    with pytest.raises(ValueError, match="'d1': trained on a base_dtype='nf4'"):
+        build_multi_adapter_model(dense, [nf4])
 
 
 @pytest.mark.parametrize("name", ["BertBackbone", "GPT2Backbone"])
