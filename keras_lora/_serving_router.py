@@ -14,10 +14,10 @@ from keras_lora.layers.multi import MultiAdapterLayer
 IDS = "adapter_ids"
 
 
-def check_adapter_ids(ids, n_adapters):
+def check_adapter_ids(ids, n_adapters, batch=None):
     """Raises unless `ids` are integers in `[-1, n_adapters)`, one per
-    example: `TypeError` for a non-integer dtype, `ValueError` naming the
-    ids out of range."""
+    example (`batch` of them, when given): `TypeError` for a non-integer
+    dtype, `ValueError` naming the ids out of range."""
     array = np.asarray(ids)
     if array.dtype.kind not in "iu":
         raise TypeError(
@@ -28,6 +28,12 @@ def check_adapter_ids(ids, n_adapters):
         raise ValueError(
             f"Expected one adapter id per example, shape (batch,). "
             f"Received: {IDS} of shape {array.shape}"
+        )
+    if batch is not None and array.shape[0] != batch:
+        # One id would otherwise broadcast over the whole batch.
+        raise ValueError(
+            f"Expected one adapter id per example ({batch}). Received: "
+            f"{IDS} of shape {array.shape}"
         )
     bad = np.unique(array[(array < -1) | (array >= n_adapters)])
     if bad.size:
@@ -115,12 +121,17 @@ def _poison(outputs, valid):
 
 
 def _ids_of(x):
-    """The adapter ids of a serving model's input, or None."""
+    """`(adapter ids, batch size of the other inputs)` of a serving model's
+    input, each None when unknown."""
     if isinstance(x, dict):
-        return x.get(IDS)
-    if isinstance(x, (list, tuple)) and x:
-        return x[-1]
-    return None
+        ids, others = x.get(IDS), [v for k, v in x.items() if k != IDS]
+    elif isinstance(x, (list, tuple)) and x:
+        ids, others = x[-1], list(x[:-1])
+    else:
+        return None, None
+    shapes = [getattr(t, "shape", None) for t in keras.tree.flatten(others)]
+    batch = next((s[0] for s in shapes if s is not None and len(s)), None)
+    return ids, (batch if isinstance(batch, int) else None)
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -142,10 +153,10 @@ class MultiAdapterModel(keras.Model):
         return super().predict_on_batch(x)
 
     def _check(self, x):
-        ids = _ids_of(x)
+        ids, batch = _ids_of(x)
         values = None if ids is None else _concrete(ids)
         if values is not None:
             router = next(
                 op for op in self.operations if isinstance(op, AdapterRouter)
             )
-            check_adapter_ids(values, router.n_adapters)
+            check_adapter_ids(values, router.n_adapters, batch)

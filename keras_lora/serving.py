@@ -15,8 +15,9 @@ layers: where a file has no adapter, its examples get the base layer there,
 exactly as its own merged model does.
 
 Adapter ids. Called eagerly (`model(...)`, `predict`, `predict_on_batch`
-with arrays), ids that are not integers raise `TypeError` and ids outside
-`[-1, N)` raise `ValueError` naming them, before anything runs. Inside a
+with arrays), ids that are not integers raise `TypeError`, and ids outside
+`[-1, N)` or not one per example raise `ValueError` naming them, before
+anything runs. Inside a
 compiled graph (a `tf.function`, `jax.jit`, an exported SavedModel) values
 cannot be checked in Python: an example with an out-of-range id gets NaN
 outputs (its float outputs), never another adapter's answer.

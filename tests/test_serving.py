@@ -221,6 +221,19 @@ def test_bad_ids_are_refused_by_name(served, ids, error, match):
         model([x, ids])
 
 
+def test_one_id_for_a_batch_is_refused(served):
+    # It would broadcast: every example would get adapter 1.
+    base, paths = served["dense"]
+    model = build_multi_adapter_model(base, paths)
+    x, ids = _inputs("dense", 3), np.array([1], "int32")
+    match = r"one adapter id per example \(3\).*\(1,\)"
+    for call in (model, model.predict_on_batch, model.predict):
+        with pytest.raises(ValueError, match=match):
+            call([x, ids])
+    with pytest.raises(ValueError, match=match):
+        check_adapter_ids(ids, len(paths), batch=3)
+
+
 @pytest.mark.skipif(not TF, reason="a tf.function graph")
 def test_out_of_range_ids_in_a_graph_give_nan_rows(served):
     import tensorflow as tf
