@@ -377,6 +377,25 @@ def test_bad_weights_file_refused(bases, tmp_path, damage):
     _refused(backbone, bad, FileNotFoundError, match)
 
 
+def test_bfloat16_adapter_loads(bases, tmp_path):
+    """PEFT saves a bf16 model's adapter in bf16 (numpy's bfloat16 comes
+    from ml_dtypes, which Keras imports): it loads as the same values."""
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    backbone, good = _good(bases, tmp_path)
+    rounded = tmp_path / "rounded"
+    shutil.copytree(good, rounded)
+    path = rounded / "adapter_model.safetensors"
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(path).items()}
+    save_file({k: v.astype("float32") for k, v in bf16.items()}, path)
+    shutil.copytree(rounded, tmp_path / "bf16")
+    save_file(bf16, tmp_path / "bf16" / "adapter_model.safetensors")
+    expected = _keras_hidden(load_peft_adapters(backbone, rounded))
+    got = _keras_hidden(load_peft_adapters(backbone, tmp_path / "bf16"))
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_corrupt_config_and_missing_folder_refused(bases, tmp_path):
     backbone, good = _good(bases, tmp_path)
     _refused(backbone, tmp_path / "nowhere", FileNotFoundError, "no adapter")
