@@ -182,6 +182,12 @@ def fit_existing(lora, plan):
     ] + [f"'{p}': not a LoRA layer" for p in sorted(set(plan) - set(lora))]
     for path in sorted(set(plan) & set(lora)):
         layer, entry = lora[path], plan[path]
+        if layer.lora_init == "pissa" or layer.pissa_fingerprint:
+            problems.append(
+                f"'{path}': PiSSA moved part of its frozen weight into the "
+                "factors; a PEFT adapter is for the original weight"
+            )
+            continue
         mine = (layer.rank, layer.alpha, layer.use_rslora)
         mine += (getattr(layer, "use_dora", False),)
         theirs = (entry.rank, entry.alpha, entry.use_rslora, entry.use_dora)

@@ -273,6 +273,29 @@ def test_load_into_matching_lora_model_in_place(bases, tmp_path):
         np.testing.assert_array_equal(value, start[got])
 
 
+def test_load_into_pissa_split_model_refused(bases, tmp_path):
+    """A PiSSA split moved part of the kernel into the factors; PEFT's
+    factors on the residual would not compute PEFT's model."""
+    folder = bases("llama")
+    _peft_adapter(_hf("llama", folder), tmp_path, target_modules=["q_proj"])
+    q = [LLAMA.keras_path(i, "q_proj") for i in range(2)]
+    lora = apply_lora(
+        _backbone("llama", folder),
+        rank=4,
+        alpha=8,
+        targets=q,
+        train_bias=False,
+    )
+    split = _tree.find(lora, LoRALayer)[q[1]]
+    split.pissa_split()
+    start = _factors(lora)
+    with pytest.raises(AdapterMismatchError, match="PiSSA") as info:
+        load_peft_adapters(lora, tmp_path)
+    assert len(info.value.problems) == 1
+    for got, value in _factors(lora).items():
+        np.testing.assert_array_equal(value, start[got])
+
+
 def _good(bases, tmp_path):
     folder = bases("llama")
     _peft_adapter(_hf("llama", folder), tmp_path / "good")
