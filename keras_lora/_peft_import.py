@@ -26,7 +26,18 @@ _UNSUPPORTED = (
     "layer_replication",
     "target_parameters",
     "trainable_token_indices",
+    # aLoRA (adapter only after invocation tokens), QA-LoRA (pooled
+    # inputs), KaSA / Arrow / BD-LoRA / MonteCLoRA: other computations.
+    "alora_invocation_tokens",
+    "use_qalora",
+    "kasa_config",
+    "arrow_config",
+    "use_bdlora",
+    "monteclora_config",
 )
+# Initialisations that change the base weight (saved unconverted, the
+# adapter is for the residual, not the checkpoint's weight).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 # One module's factors, in our layouts; `magnitude` None without DoRA.
 _Entry = collections.namedtuple(
@@ -60,6 +71,14 @@ def check_config(config, table):
                 f"Expected {field} unset: not supported. Received: "
                 f"{field}={config[field]!r}"
             )
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(_BASE_CHANGING_INITS):
+        raise ValueError(
+            "Expected an adapter for the unchanged base weight. Received: "
+            f"init_lora_weights={config['init_lora_weights']!r}, whose "
+            "frozen weight is a residual; save it with PEFT's "
+            "`path_initial_model_for_weight_conversion` to convert it"
+        )
     base = (config.get("auto_mapping") or {}).get("base_model_class")
     if base and not re.fullmatch(table.hf_class, base):
         raise ValueError(

@@ -325,6 +325,8 @@ BAD_CONFIGS = [
     ({"bias": "all"}, "bias='all'"),
     ({"use_dora": True}, "use_dora"),
     ({"r": 0}, "r=0"),
+    ({"alora_invocation_tokens": [3, 5]}, "alora_invocation_tokens"),
+    ({"init_lora_weights": "pissa_niter_4"}, "pissa_niter_4"),
     (
         {"auto_mapping": {"base_model_class": "GPT2LMHeadModel"}},
         "GPT2LMHeadModel",
