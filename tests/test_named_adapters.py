@@ -627,3 +627,16 @@ def test_peft_files_are_refused_with_named_adapters(tmp_path):
             call()
     _assert_same_values(before, _values(model))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trained_sum_comes_back_as_trained(two):
+    # Training a sum moves the shared slot; its bias change is kept (by
+    # the first adapter), so switching away and back gives the same model.
+    _, model, _, _ = two
+    set_adapter(model, ["default", "b"])
+    model.compile(keras.optimizers.Adam(0.05), "mse")
+    model.fit(X, np.ones((6, 4)), epochs=3, verbose=0)
+    trained = _predict(model)
+    set_adapter(model, "b")
+    set_adapter(model, ["default", "b"])
+    np.testing.assert_allclose(_predict(model), trained, rtol=1e-5, atol=1e-6)
