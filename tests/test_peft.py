@@ -76,6 +76,7 @@ def bases(tmp_path_factory):
             _hf_model(arch, **overrides).save_pretrained(folders[key])
         return folders[key]
 
+    get.shared = {}  # one good adapter and its backbone, for _good
     return get
 
 
@@ -113,7 +114,9 @@ def _keras_hidden(backbone):
     return keras.ops.convert_to_numpy(backbone(x))
 
 
-def _train(backbone, steps=4):
+def _train(backbone, steps=2):
+    # Two Adam steps move every factor, lora_a too when lora_b starts at
+    # zero (its gradient is zero on the first step).
     x = {"token_ids": IDS, "padding_mask": np.ones_like(IDS)}
     y = np.random.default_rng(1).normal(size=(2, 7, 32)).astype("float32")
     backbone.compile(
@@ -297,9 +300,15 @@ def test_load_into_pissa_split_model_refused(bases, tmp_path):
 
 
 def _good(bases, tmp_path):
-    folder = bases("llama")
-    _peft_adapter(_hf("llama", folder), tmp_path / "good")
-    return _backbone("llama", folder), tmp_path / "good"
+    """A Llama backbone (made once, shared: the refusal tests check that
+    nothing changes it) and this test's own copy of one good adapter."""
+    if not bases.shared:
+        folder = bases("llama")
+        adapter = os.path.join(os.path.dirname(folder), "good")
+        _peft_adapter(_hf("llama", folder), adapter)
+        bases.shared.update(backbone=_backbone("llama", folder), at=adapter)
+    shutil.copytree(bases.shared["at"], tmp_path / "good")
+    return bases.shared["backbone"], tmp_path / "good"
 
 
 def _edit_config(adapter, target, **changes):
