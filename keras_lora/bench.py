@@ -128,7 +128,7 @@ def add_arguments(parser):
         "--max-rounds",
         type=positive_int,
         help="keep adding rounds past --steps until every timed ratio's "
-        f"95%% interval is tight (at most {_bench_stats.TIGHT:.0%} of the "
+        f"95%% interval is tight (at most {_bench_stats.TIGHT:.0%}% of the "
         "ratio wide), up to N rounds in all",
     )
     parser.add_argument(
