@@ -279,3 +279,14 @@ def test_digits_module_defaults_agree():
     assert defaults(digits.adapt)["epochs"] == digits.EPOCHS
     assert defaults(digits.run_method)["epochs"] == digits.EPOCHS
     assert defaults(digits.run_method)["seeds"] == digits.SEEDS
+
+
+@pytest.mark.parametrize(
+    "command", ["compare", "bench", "capacity", "digits", "transfer"]
+)
+def test_every_subcommand_prints_its_help(command, capsys):
+    # argparse %-formats help strings: a stray "%" crashes `--help` only.
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: keras-lora {command}" in capsys.readouterr().out
