@@ -80,18 +80,32 @@ def layer_matmul(layer, inputs):
 def stored_matmul(inputs, mode, codes, scale, length):
     """`inputs @ W` for `W = dequantize_matrix(mode, codes, scale,
     length)` cast to the inputs' dtype, no gradient to the stored base
-    (`codes`: a tensor or variable; `scale`: float32)."""
+    (`codes`: a tensor or variable; `scale`: float32).
+
+    int8's scales are per output column, so `x @ (q / s)` is computed as
+    `(x @ q) / s`: the weight-sized divide becomes an output-sized one."""
     codes = ops.convert_to_tensor(codes)
     scale = ops.convert_to_tensor(scale)
     if keras.backend.backend() != "tensorflow":
-        weight = dequantize_matrix(mode, codes, scale, length)
-        weight = ops.stop_gradient(ops.cast(weight, inputs.dtype))
-        return ops.matmul(inputs, weight)
+        weight = ops.stop_gradient(_weight(mode, codes, scale, length, inputs))
+        return _unscale(mode, ops.matmul(inputs, weight), scale)
     return _recomputing_matmul(inputs, mode, codes, scale, length)
 
 
-def _weight(mode, codes, scale, length, dtype):
-    return ops.cast(dequantize_matrix(mode, codes, scale, length), dtype)
+def _weight(mode, codes, scale, length, like):
+    """The weight a product multiplies by, in `like`'s dtype: int8's codes
+    as they are (their scale goes on the output, `_unscale`), NF4's
+    dequantised."""
+    if mode == "int8":
+        return ops.cast(codes, like.dtype)
+    return ops.cast(dequantize_matrix(mode, codes, scale, length), like.dtype)
+
+
+def _unscale(mode, tensor, scale):
+    """int8: `tensor / s`, `s` per output column (`(..., cols)`)."""
+    if mode != "int8":
+        return tensor
+    return ops.divide(tensor, ops.stop_gradient(ops.cast(scale, tensor.dtype)))
 
 
 def _after(codes, tensor):
@@ -105,20 +119,20 @@ def _after(codes, tensor):
 def _recomputing_matmul(inputs, mode, codes, scale, length):
     @ops.custom_gradient
     def matmul(x):
-        weight = _weight(mode, _after(codes, x), scale, length, x.dtype)
+        weight = _weight(mode, _after(codes, x), scale, length, x)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            again = _weight(
-                mode, _after(codes, upstream), scale, length, upstream.dtype
-            )
+            again = _weight(mode, _after(codes, upstream), scale, length, x)
+            # int8: dy @ (q / s)^T = (dy / s) @ q^T
+            upstream = _unscale(mode, upstream, scale)
             # (N, units) -> (in, units) @ (units, N) -> (in, N) -> (N, in)
             flat = ops.reshape(upstream, (-1, again.shape[-1]))
             dx = ops.transpose(ops.matmul(again, ops.transpose(flat)))
             return ops.reshape(dx, ops.shape(x))
 
         # (..., in) @ (in, units) -> (..., units)
-        return ops.matmul(x, weight), grad
+        return _unscale(mode, ops.matmul(x, weight), scale), grad
 
     return matmul(inputs)
