@@ -18,7 +18,9 @@ The stored base gets no gradient. Other backends take the plain path
 (dequantise, stop the gradient, multiply).
 
 NF4 is dequantised through a 256-entry table from a packed byte to its two
-levels (`nf4_lut_dequantize`): one gather, one multiply by the scales.
+levels (`nf4_lut_dequantize`): one gather, one multiply by the scales,
+compiled by XLA on TensorFlow (`_xla_nf4`). int8 multiplies by the codes
+themselves and divides the output by its per-column scales (`_unscale`).
 """
 
 import functools
