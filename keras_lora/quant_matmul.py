@@ -87,7 +87,8 @@ def stored_matmul(inputs, mode, codes, scale, length):
     (`codes`: a tensor or variable; `scale`: float32).
 
     int8's scales are per output column, so `x @ (q / s)` is computed as
-    `(x @ q) / s`: the weight-sized divide becomes an output-sized one."""
+    `(x @ q) / s`: the weight-sized divide becomes an output-sized one
+    (not in float16: see `_output_scaled`)."""
     codes = ops.convert_to_tensor(codes)
     scale = ops.convert_to_tensor(scale)
     if keras.backend.backend() != "tensorflow":
@@ -96,13 +97,22 @@ def stored_matmul(inputs, mode, codes, scale, length):
     return _recomputing_matmul(inputs, mode, codes, scale, length)
 
 
+def _output_scaled(mode, dtype):
+    """Whether int8's scale goes on the output (`_unscale`): not in
+    float16, where `x @ q` (`s`, ~10^3, times `x @ W`) overflows 65504 at
+    outputs of a few tens and `dy / s` sinks into the subnormals."""
+    return mode == "int8" and keras.backend.standardize_dtype(dtype) != (
+        "float16"
+    )
+
+
 def _weight(mode, codes, scale, length, like):
     """The weight a product multiplies by, in `like`'s dtype: int8's codes
-    as they are (their scale goes on the output, `_unscale`), NF4's
-    dequantised (on TensorFlow by `_xla_nf4`)."""
-    if mode == "int8":
+    as they are (their scale goes on the output, `_unscale`; float16
+    dequantises), NF4's dequantised (on TensorFlow by `_xla_nf4`)."""
+    if _output_scaled(mode, like.dtype):
         return ops.cast(codes, like.dtype)
-    if keras.backend.backend() == "tensorflow":
+    if mode == "nf4" and keras.backend.backend() == "tensorflow":
         return ops.cast(_xla_nf4(length)(codes, scale), like.dtype)
     return ops.cast(dequantize_matrix(mode, codes, scale, length), like.dtype)
 
@@ -121,8 +131,9 @@ def _xla_nf4(length):
 
 
 def _unscale(mode, tensor, scale):
-    """int8: `tensor / s`, `s` per output column (`(..., cols)`)."""
-    if mode != "int8":
+    """int8: `tensor / s`, `s` per output column (`(..., cols)`), where
+    `_output_scaled`."""
+    if not _output_scaled(mode, tensor.dtype):
         return tensor
     return ops.divide(tensor, ops.stop_gradient(ops.cast(scale, tensor.dtype)))
 

@@ -509,7 +509,7 @@ def test_conv_and_reversible_embedding_take_an_integer_base(mode):
     )
 
 
-@pytest.mark.parametrize("mode", ["bfloat16", "nf4"])
+@pytest.mark.parametrize("mode", ["bfloat16", "int8", "nf4"])
 def test_mixed_bfloat16_policy_computes_in_bfloat16(mode):
     layer = LoRADense(8, rank=2, base_dtype=mode, dtype="mixed_bfloat16")
     y = layer(_gaussian((4, 64)))

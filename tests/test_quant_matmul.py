@@ -165,3 +165,40 @@ def test_each_dequantisation_runs_after_the_input_or_the_gradient(mode):
     assert sorted(map(sorted, after)) == [[dy_op], [x_op]]
     if mode == "nf4":  # TensorFlow's own gather is ~9x slower than XLA's
         assert all(op.get_attr("_XlaMustCompile") for op in big)
+
+
+def test_int8_in_float16_neither_overflows_nor_underflows():
+    # int8's `x @ q` is `s` times `x @ W` (here s ~ 4000): in float16 (max
+    # 65504) outputs of a few tens would overflow, and `dy / s` would sink
+    # into float16's subnormals. float16 therefore divides the weight.
+    n, cols = 100, 24
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(n, cols)).astype("float32") * 0.01
+    stored = quant.quantize(w, "int8")
+    scale = quant.dequantize_scale(ops.convert_to_tensor(stored["scale"]))
+    codes = ops.convert_to_tensor(stored["codes"])
+    w = ops.convert_to_numpy(quant.dequantize("int8", codes, scale, n))
+    assert ops.convert_to_numpy(scale).min() > 1000
+    x = (rng.normal(size=(5, n)) * 100).astype("float16")
+    dy = (rng.normal(size=(5, cols)) * 1e-2).astype("float16")
+    reference = x.astype("float32") @ w
+    assert np.abs(reference).max() > 20  # x @ q > 65504 somewhere
+
+    def check(y, expected):
+        y = ops.convert_to_numpy(ops.cast(y, "float32"))
+        assert np.isfinite(y).all()
+        tolerance = 4e-3 * np.abs(expected).max()
+        np.testing.assert_allclose(y, expected, atol=tolerance)
+
+    x16 = ops.convert_to_tensor(x)
+    y = quant_matmul.stored_matmul(x16, "int8", codes, scale, n)
+    assert keras.backend.standardize_dtype(y.dtype) == "float16"
+    check(y, reference)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(x16)
+            y = quant_matmul.stored_matmul(x16, "int8", codes, scale, n)
+        dx = tape.gradient(y, x16, output_gradients=tf.constant(dy))
+        check(dx, dy.astype("float32") @ w.T)
