@@ -119,7 +119,11 @@ def test_dropout_only_on_lora_branch_and_only_in_training():
     layer.lora_b.assign(np.ones((2, 6), "float32"))
     x = np.ones((64, 4), "float32")
     inference = _np(layer(x))
-    np.testing.assert_array_equal(inference, _np(layer(x, training=False)))
+    # training=False merges on the fly here (64 tokens >= 4 per input
+    # feature; keras_lora.layers.inference_merge): equal up to rounding.
+    np.testing.assert_allclose(
+        inference, _np(layer(x, training=False)), rtol=1e-6, atol=1e-6
+    )
     trained = _np(layer(x, training=True))
     assert not np.allclose(trained, inference)
     # With B at zero the LoRA branch is zero, so dropout changes nothing.

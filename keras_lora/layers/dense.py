@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_lora import _checks, quant, quant_matmul
-from keras_lora.layers import dora
+from keras_lora.layers import dora, inference_merge
 from keras_lora.layers.base import LoRALayer
 from keras_lora.linalg import frozen_matmul
 
@@ -140,6 +140,26 @@ class LoRADense(LoRALayer):
     def call(self, inputs, training=None):
         if not keras.backend.is_float_dtype(inputs.dtype):
             inputs = ops.cast(inputs, self.compute_dtype)
+        if self._merges_on_the_fly(inputs, training):
+            outputs = ops.matmul(inputs, self._merged_for_call())
+            if self.bias is not None:
+                outputs = ops.add(outputs, self.bias)
+        elif len(inputs.shape) > 2 and not hasattr(inputs, "dense_shape"):
+            # Rows of tokens: one reshape each way around the whole layer
+            # rather than around each of its three products, so that the
+            # bias still fuses into the branch's GEMM (TF CPU, 8 x 128 x 768
+            # -> 3072: inference 1.13x -> 1.05x a Dense).
+            leading = ops.shape(inputs)[:-1]
+            flat = ops.reshape(inputs, (-1, inputs.shape[-1]))
+            outputs = self._factorised(flat, training)
+            outputs = ops.reshape(outputs, (*leading, self.units))
+        else:
+            outputs = self._factorised(inputs, training)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def _factorised(self, inputs, training):
         # (..., in) @ (in, units) -> (..., units); no gradient reaches W.
         if self.base_dtype in quant.INT_MODES:
             outputs = quant_matmul.layer_matmul(self, inputs)
@@ -149,14 +169,39 @@ class LoRADense(LoRALayer):
         # (..., in) @ (in, r) -> (..., r), scaled while small
         x_r = ops.multiply(ops.matmul(lora_inputs, self.lora_a), self.scale)
         # (..., r) @ (r, units) -> (..., units)
-        outputs = ops.add(outputs, ops.matmul(x_r, self._lora_b()))
+        branch = ops.matmul(x_r, self._lora_b())
         if self.use_dora:  # (..., units) * m / ||W + scale * A @ B||_c
-            outputs = dora.rescale(self, outputs)
+            outputs = dora.rescale(self, ops.add(outputs, branch))
+            branch = None
+        elif self.bias is not None:
+            # The bias joins the small branch product, where TensorFlow's
+            # oneDNN fuses it into the GEMM, so the output-sized tensor is
+            # added once, not twice (TF CPU, 1024 x 768 -> 3072: inference
+            # 1.12x -> 1.04x a Dense).
+            branch = ops.add(branch, self.bias)
+        if branch is not None:
+            return ops.add(outputs, branch)
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
         return outputs
+
+    def _merges_on_the_fly(self, inputs, training):
+        """See `keras_lora.layers.inference_merge`."""
+        if self.use_dora or self.base_dtype in quant.INT_MODES:
+            return False
+        if hasattr(inputs, "dense_shape"):  # a tf.SparseTensor
+            return False
+        tokens = inference_merge.static_tokens(inputs.shape)
+        fan_in = self.lora_a.shape[0]
+        return inference_merge.merges_on_the_fly(tokens, fan_in, training)
+
+    def _merged_for_call(self):
+        """`W + scale * A @ B` in the compute dtype; differentiable in A
+        and B, not in W."""
+        # (in, r) @ (r, units) -> (in, units)
+        delta = ops.multiply(ops.matmul(self.lora_a, self._lora_b()), self.scale)
+        kernel = ops.stop_gradient(self._frozen_for_call())
+        return ops.add(kernel, ops.cast(delta, kernel.dtype))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
