@@ -82,9 +82,7 @@ def test_few_tokens_stay_factorised(monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"use_dora": True}, {"base_dtype": "int8"}]
-)
+@pytest.mark.parametrize("kwargs", [{"use_dora": True}, {"base_dtype": "int8"}])
 def test_dora_and_int_bases_stay_factorised(monkeypatch, kwargs):
     layer = LoRADense(UNITS, rank=RANK, **kwargs)
     layer.build((None, IN))
@@ -117,9 +115,7 @@ def test_fit_never_merges_and_predict_does(monkeypatch):
     decisions.clear()
     predicted = model.predict(x, batch_size=4, verbose=0)
     assert decisions and all(merges for _, merges in decisions), decisions
-    np.testing.assert_allclose(
-        predicted, _np(model(x)), rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(predicted, _np(model(x)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(

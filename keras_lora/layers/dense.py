@@ -6,6 +6,7 @@ from keras import ops
 from keras_lora import _checks, quant, quant_matmul
 from keras_lora.layers import dora, inference_merge
 from keras_lora.layers.base import LoRALayer
+from keras_lora.linalg import _is_sparse as is_sparse
 from keras_lora.linalg import frozen_matmul
 
 
@@ -144,7 +145,7 @@ class LoRADense(LoRALayer):
             outputs = ops.matmul(inputs, self._merged_for_call())
             if self.bias is not None:
                 outputs = ops.add(outputs, self.bias)
-        elif len(inputs.shape) > 2 and not hasattr(inputs, "dense_shape"):
+        elif len(inputs.shape) > 2 and not is_sparse(inputs):
             # Rows of tokens: one reshape each way around the whole layer
             # rather than around each of its three products, so that the
             # bias still fuses into the branch's GEMM (TF CPU, 8 x 128 x 768
@@ -189,7 +190,7 @@ class LoRADense(LoRALayer):
         """See `keras_lora.layers.inference_merge`."""
         if self.use_dora or self.base_dtype in quant.INT_MODES:
             return False
-        if hasattr(inputs, "dense_shape"):  # a tf.SparseTensor
+        if is_sparse(inputs):
             return False
         tokens = inference_merge.static_tokens(inputs.shape)
         fan_in = self.lora_a.shape[0]
@@ -198,8 +199,7 @@ class LoRADense(LoRALayer):
     def _merged_for_call(self):
         """`W + scale * A @ B` in the compute dtype; differentiable in A
         and B, not in W."""
-        # (in, r) @ (r, units) -> (in, units)
-        delta = ops.multiply(ops.matmul(self.lora_a, self._lora_b()), self.scale)
+        delta = self.delta_matrix()  # (in, units)
         kernel = ops.stop_gradient(self._frozen_for_call())
         return ops.add(kernel, ops.cast(delta, kernel.dtype))
 
