@@ -1,14 +1,16 @@
 """LoRADense's inference paths: merged on the fly for many tokens, the
-factorised branch otherwise, and never a merge in a train step."""
+factorised branch otherwise, and never a merge where a gradient is taken
+(a train step, even one that calls the layer with `training=False`)."""
 
 import keras
 import numpy as np
 import pytest
 
-from keras_lora import LoRADense
+from keras_lora import LoRADense, add_adapter, apply_lora, set_adapter
 from keras_lora.layers import inference_merge
 
 IN, UNITS, RANK = 8, 5, 2
+ALPHA = 2.0 * RANK  # scale 2, so a merge that drops the scale is caught
 MANY = inference_merge.MERGE_TOKENS_PER_INPUT * IN  # the threshold
 
 
@@ -17,7 +19,7 @@ def _np(x):
 
 
 def _trained_layer(**kwargs):
-    layer = LoRADense(UNITS, rank=RANK, **kwargs)
+    layer = LoRADense(UNITS, rank=RANK, alpha=ALPHA, **kwargs)
     layer.build((None, IN))
     rng = np.random.default_rng(0)
     for variable in layer.trainable_weights:
@@ -25,13 +27,28 @@ def _trained_layer(**kwargs):
     return layer
 
 
+def _infer(layer, x):
+    """An inference call: `training=False`, outside any gradient (torch
+    records one unless grad mode is off, as `predict` turns it off)."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        with torch.no_grad():
+            return layer(x, training=False)
+    return layer(x, training=False)
+
+
 def _spy(monkeypatch):
-    """Counts the calls of `_merged_for_call` (the on-the-fly merge)."""
+    """Counts the calls of `_merged_for_call` (the on-the-fly merge) that
+    compute values (not Keras's shape inference of a symbolic call)."""
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+
     calls = []
     original = LoRADense._merged_for_call
 
     def spied(self):
-        calls.append(self.name)
+        if not in_symbolic_scope():
+            calls.append(self.name)
         return original(self)
 
     monkeypatch.setattr(LoRADense, "_merged_for_call", spied)
@@ -45,12 +62,21 @@ def _spy(monkeypatch):
         (MANY - 1, False, False),
         (MANY, None, False),
         (MANY, True, False),
-        (None, False, False),
+        (None, False, None),  # decided in the graph
+        (None, True, False),
     ],
 )
 def test_cost_model(tokens, training, merges):
     got = inference_merge.merges_on_the_fly(tokens, IN, training)
     assert got is merges
+
+
+@pytest.mark.parametrize("tokens, merges", [(MANY, True), (MANY - 1, False)])
+def test_runtime_rule_matches_static_rule(tokens, merges):
+    x = keras.ops.ones((tokens, IN))
+    got = inference_merge.runtime_merges(x, IN)
+    assert bool(_np(got)) is merges
+    assert inference_merge.merges_on_the_fly(tokens, IN, False) is merges
 
 
 def test_static_tokens_flattens_leading_axes():
@@ -65,11 +91,12 @@ def test_merged_inference_equals_factorised(monkeypatch, lead):
     kernel, a, b, bias = (
         _np(v) for v in (layer.kernel, layer.lora_a, layer.lora_b, layer.bias)
     )
+    assert layer.scale == 2.0
     expected = x @ kernel + layer.scale * (x @ a) @ b + bias
     calls = _spy(monkeypatch)
     factorised = _np(layer(x))  # training=None: factorised
     assert calls == []
-    merged = _np(layer(x, training=False))
+    merged = _np(_infer(layer, x))
     assert calls == [layer.name]
     np.testing.assert_allclose(factorised, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-5)
@@ -78,7 +105,7 @@ def test_merged_inference_equals_factorised(monkeypatch, lead):
 def test_few_tokens_stay_factorised(monkeypatch):
     layer = _trained_layer()
     calls = _spy(monkeypatch)
-    layer(np.ones((MANY - 1, IN), "float32"), training=False)
+    _infer(layer, np.ones((MANY - 1, IN), "float32"))
     assert calls == []
 
 
@@ -87,55 +114,122 @@ def test_dora_and_int_bases_stay_factorised(monkeypatch, kwargs):
     layer = LoRADense(UNITS, rank=RANK, **kwargs)
     layer.build((None, IN))
     calls = _spy(monkeypatch)
-    layer(np.ones((MANY, IN), "float32"), training=False)
+    _infer(layer, np.ones((MANY, IN), "float32"))
     assert calls == []
 
 
-def test_fit_never_merges_and_predict_does(monkeypatch):
-    # Every decision the layer takes, with the training flag it was given
-    # (run eagerly, so each train step calls the layer's Python code).
-    decisions = []
-    decide = inference_merge.merges_on_the_fly
+def test_named_adapter_merges_with_its_scales(monkeypatch):
+    # The active named adapter's per-rank scales live in `_lora_b()`; a
+    # merge reading `lora_b` directly would drop them.
+    inputs = keras.Input((IN,))
+    base = keras.Model(inputs, keras.layers.Dense(UNITS)(inputs))
+    model = apply_lora(base, rank=RANK)
+    add_adapter(model, "other", rank=RANK, alpha=3.0 * RANK)
+    set_adapter(model, "other")
+    layer = model.layers[-1]
+    rng = np.random.default_rng(6)
+    for variable in layer.trainable_weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    x = rng.normal(size=(MANY, IN)).astype("float32")
+    calls = _spy(monkeypatch)
+    factorised = _np(layer(x))
+    merged = _np(_infer(layer, x))
+    assert calls == [layer.name]
+    np.testing.assert_allclose(merged, factorised, rtol=1e-5, atol=1e-5)
+    # ... and the adapter's scale does matter here
+    unscaled = x @ _np(layer.kernel) + (x @ _np(layer.lora_a)) @ _np(
+        layer.lora_b
+    )
+    assert np.abs(unscaled + _np(layer.bias) - merged).max() > 1e-2
 
-    def recorded(tokens, in_features, training):
-        merges = decide(tokens, in_features, training)
-        decisions.append((training, merges))
-        return merges
 
-    monkeypatch.setattr(inference_merge, "merges_on_the_fly", recorded)
-    inputs = keras.Input((MANY // 4, IN))
-    model = keras.Model(inputs, LoRADense(UNITS, rank=RANK)(inputs))
-    model.compile(optimizer="adam", loss="mse", run_eagerly=True)
-    x = np.random.default_rng(2).normal(size=(8, MANY // 4, IN))
-    y = np.random.default_rng(3).normal(size=(8, MANY // 4, UNITS))
-    x, y = x.astype("float32"), y.astype("float32")
-    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
-    steps = [merges for training, merges in decisions if training is True]
-    assert len(steps) == 2 and not any(steps)
-    decisions.clear()
-    predicted = model.predict(x, batch_size=4, verbose=0)
-    assert decisions and all(merges for _, merges in decisions), decisions
-    np.testing.assert_allclose(predicted, _np(model(x)), rtol=1e-5, atol=1e-5)
+class FrozenBackbone(keras.Model):
+    """Runs its LoRA layer with `training=False` even inside `fit`, as a
+    model with a frozen-BatchNorm backbone does."""
+
+    def __init__(self, inner_training, **kwargs):
+        super().__init__(**kwargs)
+        self.inner_training = inner_training
+        self.lora = LoRADense(UNITS, rank=RANK, alpha=ALPHA)
+
+    def call(self, x, training=None):
+        return self.lora(x, training=self.inner_training)
+
+
+def _fit_once(inner_training, x, y):
+    keras.utils.set_random_seed(8)
+    model = FrozenBackbone(inner_training)
+    model(x[:1])
+    model.lora.lora_b.assign(
+        np.random.default_rng(9).normal(size=(RANK, UNITS)).astype("float32")
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    return model
+
+
+def test_train_step_never_merges_even_with_training_false(monkeypatch):
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(2, MANY // 2, IN)).astype("float32")
+    y = rng.normal(size=(2, MANY // 2, UNITS)).astype("float32")
+    calls = _spy(monkeypatch)
+    model = _fit_once(False, x, y)  # compiled fit: traces the train step
+    assert calls == [], "a train step formed the full update"
+    reference = _fit_once(None, x, y)
+    for got, want in zip(model.trainable_weights, reference.trainable_weights):
+        assert want.path.split("/")[-1] == got.path.split("/")[-1]
+        np.testing.assert_allclose(_np(got), _np(want), rtol=1e-5, atol=1e-6)
+    start = np.random.default_rng(9).normal(size=(RANK, UNITS))
+    assert np.abs(_np(model.lora.lora_b) - start).max() > 1e-4  # it trained
+    # outside a gradient computation the same call merges
+    predicted = model.predict(x, batch_size=len(x), verbose=0)
+    assert calls, "predict did not merge"
+    np.testing.assert_allclose(
+        predicted, _np(model.lora(x)), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TF's retraced graphs"
+)
+def test_unknown_batch_merges_in_the_graph(monkeypatch):
+    # A retraced `predict` relaxes the batch axis to None: the rule runs in
+    # the graph, and both branches give the right values.
+    import tensorflow as tf
+
+    layer = _trained_layer()
+    calls = _spy(monkeypatch)
+    call = tf.function(
+        lambda x: layer(x, training=False),
+        input_signature=[tf.TensorSpec((None, IN), "float32")],
+    )
+    rng = np.random.default_rng(11)
+    kernel, a, b, bias = (
+        _np(v) for v in (layer.kernel, layer.lora_a, layer.lora_b, layer.bias)
+    )
+    for tokens in (MANY, MANY - 1):
+        x = rng.normal(size=(tokens, IN)).astype("float32")
+        expected = x @ kernel + layer.scale * (x @ a) @ b + bias
+        np.testing.assert_allclose(_np(call(x)), expected, rtol=1e-5, atol=1e-5)
+    assert calls == [layer.name]  # traced once, into the graph's cond
 
 
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="GradientTape"
 )
-def test_merged_call_keeps_exact_gradients():
+def test_gradient_tape_call_stays_factorised(monkeypatch):
     import tensorflow as tf
 
     layer = _trained_layer()
-    x = tf.constant(np.random.default_rng(4).normal(size=(MANY, IN)))
-    x = tf.cast(x, "float32")
-    grads = {}
-    for training in (False, None):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(tf.square(layer(x, training=training)))
-        grads[training] = tape.gradient(loss, layer.trainable_variables)
-    for merged, factorised in zip(grads[False], grads[None]):
-        np.testing.assert_allclose(
-            _np(merged), _np(factorised), rtol=1e-4, atol=1e-4
-        )
+    x = tf.constant(
+        np.random.default_rng(4).normal(size=(MANY, IN)).astype("float32")
+    )
+    calls = _spy(monkeypatch)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(layer(x, training=False)))
+    grads = tape.gradient(loss, layer.trainable_variables)
+    assert calls == []
+    assert all(g is not None for g in grads)
 
 
 def test_rank3_output_equals_dense_until_trained():

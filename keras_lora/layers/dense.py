@@ -141,11 +141,29 @@ class LoRADense(LoRALayer):
     def call(self, inputs, training=None):
         if not keras.backend.is_float_dtype(inputs.dtype):
             inputs = ops.cast(inputs, self.compute_dtype)
-        if self._merges_on_the_fly(inputs, training):
-            outputs = ops.matmul(inputs, self._merged_for_call())
-            if self.bias is not None:
-                outputs = ops.add(outputs, self.bias)
-        elif len(inputs.shape) > 2 and not is_sparse(inputs):
+        merges = self._merges_on_the_fly(inputs, training)
+        if merges is True:
+            outputs = self._merged_call(inputs)
+        elif merges is False:
+            outputs = self._unmerged_call(inputs, training)
+        else:  # a token count unknown while tracing: decide in the graph
+            outputs = ops.cond(
+                inference_merge.runtime_merges(inputs, inputs.shape[-1]),
+                lambda: self._merged_call(inputs),
+                lambda: self._unmerged_call(inputs, training),
+            )
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def _merged_call(self, inputs):
+        outputs = ops.matmul(inputs, self._merged_for_call())
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        return outputs
+
+    def _unmerged_call(self, inputs, training):
+        if len(inputs.shape) > 2 and not is_sparse(inputs):
             # Rows of tokens: one reshape each way around the whole layer
             # rather than around each of its three products, so that the
             # bias still fuses into the branch's GEMM (TF CPU, 8 x 128 x 768
@@ -153,12 +171,8 @@ class LoRADense(LoRALayer):
             leading = ops.shape(inputs)[:-1]
             flat = ops.reshape(inputs, (-1, inputs.shape[-1]))
             outputs = self._factorised(flat, training)
-            outputs = ops.reshape(outputs, (*leading, self.units))
-        else:
-            outputs = self._factorised(inputs, training)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+            return ops.reshape(outputs, (*leading, self.units))
+        return self._factorised(inputs, training)
 
     def _factorised(self, inputs, training):
         # (..., in) @ (in, units) -> (..., units); no gradient reaches W.
@@ -187,14 +201,22 @@ class LoRADense(LoRALayer):
         return outputs
 
     def _merges_on_the_fly(self, inputs, training):
-        """See `keras_lora.layers.inference_merge`."""
+        """True, False, or None (decided in the graph from the token count);
+        see `keras_lora.layers.inference_merge`."""
         if self.use_dora or self.base_dtype in quant.INT_MODES:
             return False
         if is_sparse(inputs):
             return False
         tokens = inference_merge.static_tokens(inputs.shape)
         fan_in = self.lora_a.shape[0]
-        return inference_merge.merges_on_the_fly(tokens, fan_in, training)
+        merges = inference_merge.merges_on_the_fly(tokens, fan_in, training)
+        if merges is False:
+            return False
+        variables = (self.lora_a, self.lora_b, self.bias)
+        values = [inputs] + [v.value for v in variables if v is not None]
+        if inference_merge.recording_gradients(*values):
+            return False
+        return merges
 
     def _merged_for_call(self):
         """`W + scale * A @ B` in the compute dtype; differentiable in A

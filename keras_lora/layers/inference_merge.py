@@ -25,16 +25,25 @@ Dense was:
 | 4096 x 768 -> 3072 | 5.3 | 1.05-1.15 | 1.02 |
 | 8192 x 1024 -> 4096 | 8 | 1.08-1.12 | 1.01 |
 
-Only inference merges: the call must have `training=False` (as `predict`,
-`evaluate` and the bench pass it). A training call, or one with
-`training=None`, always takes the factorised branch, so a train step never
-forms the full update. A merged call is still exact to rounding and still
-differentiable in `A` and `B` (through `W + s * A @ B`), just not cheaply.
-Int8 / NF4 bases, DoRA and unknown (dynamic) token counts keep the
-factorised form.
+Only inference merges, and only outside any gradient computation:
+
+- the call must have `training=False` (as `predict`, `evaluate` and the
+  bench pass it); a call with `training=True` or `training=None` is
+  factorised;
+- and no gradient may be being recorded (`recording_gradients`): a
+  TensorFlow `GradientTape`, a JAX `grad` / `vjp` / `jvp` transform, or
+  torch with grad enabled. A model that runs a backbone with
+  `training=False` inside `fit` (a frozen-BatchNorm pattern) therefore
+  stays factorised in its train step, which never forms the full update.
+
+Int8 / NF4 bases, DoRA and sparse inputs keep the factorised form. A token
+count unknown while tracing (TensorFlow's relaxed `None` batch axis in a
+retraced `predict`, or `evaluate`) is decided at run time, in the graph.
 """
 
 import math
+
+import keras
 
 MERGE_TOKENS_PER_INPUT = 4
 
@@ -48,8 +57,56 @@ def static_tokens(shape):
 
 
 def merges_on_the_fly(tokens, in_features, training):
-    """Whether an inference call merges: `training is False`, a known token
-    count, and at least `MERGE_TOKENS_PER_INPUT` tokens per input feature."""
-    if training is not False or tokens is None:
+    """Whether an inference call merges from static shapes: `training is
+    False` and at least `MERGE_TOKENS_PER_INPUT` tokens per input feature.
+
+    Returns None when it depends on a token count unknown while tracing
+    (the caller then decides in the graph with `runtime_merges`)."""
+    if training is not False:
         return False
+    if tokens is None:
+        return None
     return tokens >= MERGE_TOKENS_PER_INPUT * in_features
+
+
+def runtime_merges(inputs, in_features):
+    """The same rule as a boolean tensor, for a dynamic token count."""
+    tokens = keras.ops.size(inputs) // in_features
+    return keras.ops.greater_equal(tokens, MERGE_TOKENS_PER_INPUT * in_features)
+
+
+def recording_gradients(*values):
+    """Whether a gradient may be taken through this call, so that merging
+    would form the full update in a train step. Errs towards True.
+
+    - TensorFlow: any `GradientTape` is recording;
+    - torch: grad mode is enabled (`predict` and `evaluate` disable it);
+    - JAX: a value is a tracer of any transform other than `jit`'s
+      tracing (`grad`, `vjp`, `jvp`, `vmap`, ...).
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        try:
+            from tensorflow.python.eager import record
+        except ImportError:  # pragma: no cover - TF moved its internals
+            return True
+        return bool(record.could_possibly_record())
+    if backend == "torch":
+        import torch
+
+        return torch.is_grad_enabled()
+    if backend == "jax":
+        return any(_jax_differentiating(value) for value in values)
+    return True
+
+
+def _jax_differentiating(value):
+    import jax
+
+    if not isinstance(value, jax.core.Tracer):
+        return False
+    try:
+        from jax.interpreters.partial_eval import DynamicJaxprTracer
+    except ImportError:  # pragma: no cover - JAX moved it
+        return True
+    return not isinstance(value, DynamicJaxprTracer)
