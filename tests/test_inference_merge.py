@@ -39,19 +39,23 @@ def _infer(layer, x):
 
 
 def _spy(monkeypatch):
+    return _spy_class(monkeypatch, LoRADense)
+
+
+def _spy_class(monkeypatch, cls):
     """Counts the calls of `_merged_for_call` (the on-the-fly merge) that
     compute values (not Keras's shape inference of a symbolic call)."""
     from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
     calls = []
-    original = LoRADense._merged_for_call
+    original = cls._merged_for_call
 
     def spied(self):
         if not in_symbolic_scope():
             calls.append(self.name)
         return original(self)
 
-    monkeypatch.setattr(LoRADense, "_merged_for_call", spied)
+    monkeypatch.setattr(cls, "_merged_for_call", spied)
     return calls
 
 
@@ -80,8 +84,10 @@ def test_runtime_rule_matches_static_rule(tokens, merges):
 
 
 def test_static_tokens_flattens_leading_axes():
-    assert inference_merge.static_tokens((4, 3, IN)) == 12
-    assert inference_merge.static_tokens((None, 3, IN)) is None
+    assert inference_merge.static_tokens((4, 3, IN), IN) == 12
+    assert inference_merge.static_tokens((None, 3, IN), IN) is None
+    # an einsum contracting two axes: 4 rows of 3 * IN features
+    assert inference_merge.static_tokens((4, 3, IN), 3 * IN) == 4
 
 
 @pytest.mark.parametrize("lead", [(MANY,), (2, MANY // 2)])
@@ -240,3 +246,53 @@ def test_rank3_output_equals_dense_until_trained():
     out = _np(layer(x))
     assert out.shape == (3, 2, UNITS)
     np.testing.assert_array_equal(out, _np(dense(x)))
+
+
+@pytest.mark.parametrize(
+    "equation, output_shape, lead",
+    [
+        ("btd,dnh->btnh", (None, 2, 3), (4, MANY // 4)),  # a query
+        ("btnh,nhd->btd", (None, UNITS), (4, MANY // 4)),  # 2 contracted
+        ("btd,hd->bth", (None, UNITS), (4, MANY // 4)),  # kernel (out, in)
+    ],
+)
+def test_einsum_merges_like_its_factorised_call(
+    monkeypatch, equation, output_shape, lead
+):
+    from keras_lora import LoRAEinsumDense
+
+    layer = LoRAEinsumDense(
+        equation, output_shape, bias_axes=equation[-1], rank=RANK, alpha=ALPHA
+    )
+    in_shape = (
+        (None, None, 2, IN // 2)
+        if "btnh" in equation[:5]
+        else (
+            None,
+            None,
+            IN,
+        )
+    )
+    layer.build(in_shape)
+    rng = np.random.default_rng(12)
+    for variable in layer.trainable_weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    x = rng.normal(size=lead + in_shape[2:]).astype("float32")
+    fan_in = int(np.prod(layer.lora_a.shape[:-1]))
+    assert x.size // fan_in >= inference_merge.MERGE_TOKENS_PER_INPUT * fan_in
+    calls = _spy_class(monkeypatch, LoRAEinsumDense)
+    factorised = _np(layer(x))
+    assert calls == []
+    merged = _np(_infer(layer, x))
+    assert calls == [layer.name]
+    np.testing.assert_allclose(merged, factorised, rtol=1e-5, atol=1e-5)
+    # the closed form, through the layer's own linear-map view
+    flat = x.reshape(-1, fan_in) @ _np(
+        layer.kernel_matrix() + layer.delta_matrix()
+    )
+    np.testing.assert_allclose(
+        merged,
+        flat.reshape(merged.shape) + _np(layer.bias),
+        rtol=1e-4,
+        atol=1e-4,
+    )

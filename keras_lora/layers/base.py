@@ -316,6 +316,13 @@ class LoRALayer(BaseConversion, QuantizedBase, keras.layers.Layer):
         b = ops.reshape(self._lora_b(), (self.rank, -1))
         return ops.multiply(ops.matmul(a, b), self.scale)
 
+    def _merged_for_call(self):
+        """`W + scale * A @ B` in the weight's shape and the call's dtype;
+        differentiable in A and B, not in W (`inference_merge`)."""
+        kernel = ops.stop_gradient(self._frozen_for_call())
+        delta = self._from_matrix(self.delta_matrix())
+        return ops.add(kernel, ops.cast(delta, kernel.dtype))
+
     def _lora_b(self):
         """`lora_b` as the call uses it: with named adapters
         (`keras_lora.named_adapters`), each rank's row times its scale."""

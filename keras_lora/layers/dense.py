@@ -141,17 +141,13 @@ class LoRADense(LoRALayer):
     def call(self, inputs, training=None):
         if not keras.backend.is_float_dtype(inputs.dtype):
             inputs = ops.cast(inputs, self.compute_dtype)
-        merges = self._merges_on_the_fly(inputs, training)
-        if merges is True:
-            outputs = self._merged_call(inputs)
-        elif merges is False:
-            outputs = self._unmerged_call(inputs, training)
-        else:  # a token count unknown while tracing: decide in the graph
-            outputs = ops.cond(
-                inference_merge.runtime_merges(inputs, inputs.shape[-1]),
-                lambda: self._merged_call(inputs),
-                lambda: self._unmerged_call(inputs, training),
-            )
+        outputs = inference_merge.choose(
+            self,
+            inputs,
+            training,
+            lambda: self._merged_call(inputs),
+            lambda: self._unmerged_call(inputs, training),
+        )
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
@@ -199,31 +195,6 @@ class LoRADense(LoRALayer):
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         return outputs
-
-    def _merges_on_the_fly(self, inputs, training):
-        """True, False, or None (decided in the graph from the token count);
-        see `keras_lora.layers.inference_merge`."""
-        if self.use_dora or self.base_dtype in quant.INT_MODES:
-            return False
-        if is_sparse(inputs):
-            return False
-        tokens = inference_merge.static_tokens(inputs.shape)
-        fan_in = self.lora_a.shape[0]
-        merges = inference_merge.merges_on_the_fly(tokens, fan_in, training)
-        if merges is False:
-            return False
-        variables = (self.lora_a, self.lora_b, self.bias)
-        values = [inputs] + [v.value for v in variables if v is not None]
-        if inference_merge.recording_gradients(*values):
-            return False
-        return merges
-
-    def _merged_for_call(self):
-        """`W + scale * A @ B` in the compute dtype; differentiable in A
-        and B, not in W."""
-        delta = self.delta_matrix()  # (in, units)
-        kernel = ops.stop_gradient(self._frozen_for_call())
-        return ops.add(kernel, ops.cast(delta, kernel.dtype))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)

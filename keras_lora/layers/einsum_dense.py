@@ -13,7 +13,7 @@ import string
 import keras
 from keras import ops
 
-from keras_lora.layers import dora
+from keras_lora.layers import dora, inference_merge
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.dense import refuse_kernel_constraint
 
@@ -176,6 +176,13 @@ class LoRAEinsumDense(LoRALayer):
     def _shapes(self, input_shape):
         """Returns (kernel, bias or None, full output) shapes, as Keras."""
         inp, ker, out, side = self._specs
+        named = len(out) if side == "left" else len(out) - 1  # as Keras
+        if len(self.partial_output_shape) != named:
+            raise ValueError(
+                f"Expected `output_shape` to give {named} output axes "
+                f"(not the batch axis) for equation={self.equation!r}. "
+                f"Received: output_shape={self.partial_output_shape}"
+            )
         input_shape = tuple(input_shape)
         elided = len(input_shape) - len(inp)
         full = [input_shape[0], *self.partial_output_shape]
@@ -236,6 +243,22 @@ class LoRAEinsumDense(LoRALayer):
     def call(self, inputs, training=None):
         if not keras.backend.is_float_dtype(inputs.dtype):
             inputs = ops.cast(inputs, self.compute_dtype)
+        outputs = inference_merge.choose(
+            self,
+            inputs,
+            training,
+            lambda: ops.einsum(self.equation, inputs, self._merged_for_call()),
+            lambda: self._factorised(inputs, training),
+        )
+        if self.use_dora:  # (*output) * m / ||W + scale * A . B||_c
+            outputs = dora.rescale(self, outputs, *self._dora_layout(outputs))
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def _factorised(self, inputs, training):
         kernel = ops.stop_gradient(self._frozen_for_call())
         # (*input) . (*kernel) -> (*output); no gradient reaches W.
         outputs = ops.einsum(self.equation, inputs, kernel)
@@ -255,14 +278,7 @@ class LoRAEinsumDense(LoRALayer):
             update = ops.einsum(
                 self._up, ops.multiply(x_r, self.scale), self._lora_b()
             )
-        outputs = ops.add(outputs, update)
-        if self.use_dora:  # (*output) * m / ||W + scale * A . B||_c
-            outputs = dora.rescale(self, outputs, *self._dora_layout(outputs))
-        if self.bias is not None:
-            outputs = ops.add(outputs, self.bias)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+        return ops.add(outputs, update)
 
     def compute_output_shape(self, input_shape):
         return tuple(self._shapes(input_shape)[2])

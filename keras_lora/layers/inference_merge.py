@@ -1,4 +1,5 @@
-"""When an inference call of `LoRADense` merges the update on the fly.
+"""When an inference call of `LoRADense` or `LoRAEinsumDense` merges the
+update on the fly.
 
 An unmerged LoRA layer computes `x @ W + s * (x @ A) @ B`. The branch does
 almost no arithmetic, but its second product writes a (tokens, units)
@@ -44,16 +45,47 @@ retraced `predict`, or `evaluate`) is decided at run time, in the graph.
 import math
 
 import keras
+from keras import ops
+
+from keras_lora import quant
+from keras_lora.linalg import _is_sparse
 
 MERGE_TOKENS_PER_INPUT = 4
 
 
-def static_tokens(shape):
-    """The number of rows `shape[:-1]` flattens to, or None if unknown."""
-    leading = tuple(shape)[:-1]
-    if any(dim is None for dim in leading):
+def choose(layer, inputs, training, merged, factorised):
+    """`merged()` or `factorised()` for this call of a LoRA layer whose
+    input features are `lora_a.shape[:-1]`, by the rule above; in the graph
+    (`ops.cond`) when the token count is unknown while tracing."""
+    fan_in = math.prod(layer.lora_a.shape[:-1])
+    merges = _decide(layer, inputs, training, fan_in)
+    if merges is None:
+        return ops.cond(runtime_merges(inputs, fan_in), merged, factorised)
+    return merged() if merges else factorised()
+
+
+def _decide(layer, inputs, training, fan_in):
+    if layer.use_dora or layer.base_dtype in quant.INT_MODES:
+        return False
+    if _is_sparse(inputs):
+        return False
+    tokens = static_tokens(inputs.shape, fan_in)
+    merges = merges_on_the_fly(tokens, fan_in, training)
+    if merges is False:
+        return False
+    variables = (layer.lora_a, layer.lora_b, layer.bias)
+    values = [inputs] + [v.value for v in variables if v is not None]
+    if recording_gradients(*values):
+        return False
+    return merges
+
+
+def static_tokens(shape, in_features):
+    """The number of rows of `in_features` that a tensor of `shape`
+    flattens to, or None if a dimension is unknown."""
+    if any(dim is None for dim in shape):
         return None
-    return math.prod(int(dim) for dim in leading)
+    return math.prod(int(dim) for dim in shape) // in_features
 
 
 def merges_on_the_fly(tokens, in_features, training):
