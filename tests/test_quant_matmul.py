@@ -202,3 +202,33 @@ def test_int8_in_float16_neither_overflows_nor_underflows():
             y = quant_matmul.stored_matmul(x16, "int8", codes, scale, n)
         dx = tape.gradient(y, x16, output_gradients=tf.constant(dy))
         check(dx, dy.astype("float32") @ w.T)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA's buffers")
+@pytest.mark.parametrize("mode", MODES)
+def test_jax_train_step_holds_one_float_weight_not_one_per_layer(mode):
+    # XLA's own memory plan of a compiled train step: the float weights it
+    # keeps besides the arguments. A merged forward/backward dequantisation
+    # would keep all `depth` of them alive between the two passes.
+    import jax
+    import jax.numpy as jnp
+
+    width, depth = 256, 6
+    model = keras.Sequential(
+        [keras.Input((width,))]
+        + [LoRADense(width, rank=4, base_dtype=mode) for _ in range(depth)]
+    )
+    trainable = [v.value for v in model.trainable_variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable, frozen, x):
+        out, _ = model.stateless_call(trainable, frozen, x, training=True)
+        return jnp.mean(out**2)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    x = jnp.ones((8, width))
+    temp = step.lower(trainable, frozen, x).compile().memory_analysis()
+    weight = width * width * 4
+    assert temp.temp_size_in_bytes < 2 * weight, (
+        temp.temp_size_in_bytes / weight
+    )
