@@ -198,8 +198,12 @@ def summarize(budget, probes):
     for row in rows.values():
         row["vs_full"] = row["params"] / full if full else None
     ratio = rows["lora_nf4"]["vs_full"] if "lora_nf4" in rows else None
+    from keras_lora import _bench_device
+
     return {
         "budget_bytes": budget,
+        "backend": _bench_device._backend(),
+        "versions": _bench_device.versions(),
         "width": probes["full"][0]["width"],
         "baseline_bytes": max(
             f["baseline_bytes"] for fs in probes.values() for f in fs
@@ -221,7 +225,8 @@ def format_table(report):
     lines = [
         f"budget {report['budget_bytes'] / 2**30:.2f} GiB above the "
         f"framework's baseline ({report['baseline_bytes'] / 2**20:.0f} MiB "
-        f"resident, not counted); width {report['width']}",
+        f"resident, not counted); width {report['width']}; backend "
+        f"{report['backend']}",
         "EXTRAPOLATED from a line fitted to the measured probes (largest "
         f"probe {probed:,} parameters); nothing this size was trained.",
         "B/param: peak training memory per parameter; weights: resident "

@@ -6,6 +6,7 @@ import math
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
+import keras
 import pytest
 
 from keras_lora import capacity
@@ -130,6 +131,10 @@ def test_ratio_target():
     assert report["met"] is (ratio >= 16)
     table = capacity.format_table(report)
     assert "EXTRAPOLATED" in table and "lora_nf4" in table
+    # the figures depend on the backend: the report names it
+    backend = keras.backend.backend()
+    assert report["backend"] == backend and f"backend {backend}" in table
+    assert report["versions"]["keras"] == keras.__version__
 
 
 @pytest.mark.parametrize(
