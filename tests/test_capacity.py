@@ -5,8 +5,8 @@ import json
 import math
 from contextlib import redirect_stderr, redirect_stdout
 
-import numpy as np
 import keras
+import numpy as np
 import pytest
 
 from keras_lora import capacity
