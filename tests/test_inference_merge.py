@@ -200,11 +200,19 @@ def test_train_step_never_merges_even_with_training_false(monkeypatch):
 )
 def test_unknown_batch_merges_in_the_graph(monkeypatch):
     # A retraced `predict` relaxes the batch axis to None: the rule runs in
-    # the graph, and both branches give the right values.
+    # the graph. The spied merge adds 1 to the merged kernel, so the output
+    # shows which branch ran: x.sum(-1) more when the merge ran.
     import tensorflow as tf
 
     layer = _trained_layer()
-    calls = _spy(monkeypatch)
+    original = LoRADense._merged_for_call
+    traced = []
+
+    def marked(self):
+        traced.append(self.name)
+        return original(self) + 1.0
+
+    monkeypatch.setattr(LoRADense, "_merged_for_call", marked)
     call = tf.function(
         lambda x: layer(x, training=False),
         input_signature=[tf.TensorSpec((None, IN), "float32")],
@@ -213,11 +221,13 @@ def test_unknown_batch_merges_in_the_graph(monkeypatch):
     kernel, a, b, bias = (
         _np(v) for v in (layer.kernel, layer.lora_a, layer.lora_b, layer.bias)
     )
-    for tokens in (MANY, MANY - 1):
+    for tokens, merges in ((MANY, True), (MANY - 1, False), (2 * MANY, True)):
         x = rng.normal(size=(tokens, IN)).astype("float32")
         expected = x @ kernel + layer.scale * (x @ a) @ b + bias
+        if merges:
+            expected = expected + x.sum(-1, keepdims=True)
         np.testing.assert_allclose(_np(call(x)), expected, rtol=1e-5, atol=1e-5)
-    assert calls == [layer.name]  # traced once, into the graph's cond
+    assert traced == [layer.name]  # traced once, into the graph's cond
 
 
 @pytest.mark.skipif(

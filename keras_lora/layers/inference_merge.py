@@ -103,8 +103,13 @@ def merges_on_the_fly(tokens, in_features, training):
 
 def runtime_merges(inputs, in_features):
     """The same rule as a boolean tensor, for a dynamic token count."""
-    tokens = keras.ops.size(inputs) // in_features
-    return keras.ops.greater_equal(tokens, MERGE_TOKENS_PER_INPUT * in_features)
+    # in int64: `ops.size` is int32 on TensorFlow
+    elements = 1
+    for dim in ops.shape(inputs):
+        elements = elements * ops.cast(dim, "int64")
+    return ops.greater_equal(
+        elements, MERGE_TOKENS_PER_INPUT * in_features * in_features
+    )
 
 
 def recording_gradients(*values):
