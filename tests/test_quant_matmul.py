@@ -232,3 +232,61 @@ def test_jax_train_step_holds_one_float_weight_not_one_per_layer(mode):
     assert temp.temp_size_in_bytes < 2 * weight, (
         temp.temp_size_in_bytes / weight
     )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="jax.grad")
+@pytest.mark.parametrize("mode", MODES)
+def test_jax_gradients_equal_numpy_and_nan_stays_in_its_row(mode):
+    # JAX runs the same recomputing custom gradient as TensorFlow.
+    import jax
+    import jax.numpy as jnp
+
+    codes, scale, w = _stored(mode)
+    x = np.random.default_rng(2).normal(size=(3, 4, 100)).astype("float32")
+    dy = np.random.default_rng(3).normal(size=(3, 4, 24)).astype("float32")
+
+    def loss(x):
+        y = quant_matmul.stored_matmul(x, mode, codes, scale, 100)
+        return jnp.sum(y * dy), y
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, y), dx = run(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(y), x @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), dy @ w.T, rtol=1e-5, atol=1e-5)
+    x[0, 0, 0] = np.nan
+    (_, y), _ = run(jnp.asarray(x))
+    assert np.isnan(np.asarray(y)[0, 0]).all()
+    np.testing.assert_allclose(
+        np.asarray(y)[1:], x[1:] @ w, rtol=1e-5, atol=1e-5
+    )
+
+    # through a LoRADense on that base, in a stateless train-style call
+    layer = LoRADense(24, rank=3, base_dtype=mode, lora_init="gaussian")
+    layer.build((None, 100))
+    layer.lora_b.assign(np.random.default_rng(4).normal(size=(3, 24)) * 0.1)
+    w = ops.convert_to_numpy(layer.dequantized_frozen_weight())
+    a, b = (ops.convert_to_numpy(v) for v in (layer.lora_a, layer.lora_b))
+    x2 = np.random.default_rng(5).normal(size=(6, 100)).astype("float32")
+    dy2 = np.random.default_rng(6).normal(size=(6, 24)).astype("float32")
+    trainable = [v.value for v in layer.trainable_variables]
+    frozen = [v.value for v in layer.non_trainable_variables]
+    names = [v.name for v in layer.trainable_variables]
+
+    def layer_loss(trainable, x):
+        y, _ = layer.stateless_call(trainable, frozen, x, training=True)
+        return jnp.sum(y * dy2)
+
+    grads, dx2 = jax.jit(jax.grad(layer_loss, argnums=(0, 1)))(
+        trainable, jnp.asarray(x2)
+    )
+    grads = dict(zip(names, (np.asarray(g) for g in grads)))
+    s = layer.scale
+    np.testing.assert_allclose(
+        grads["lora_a"], s * x2.T @ dy2 @ b.T, rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        grads["lora_b"], s * (x2 @ a).T @ dy2, rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(dx2), dy2 @ (w + s * a @ b).T, rtol=1e-4, atol=1e-5
+    )
