@@ -57,7 +57,7 @@ def test_product_equals_the_dequantised_matmul(mode):
 
 def _tf():
     if keras.backend.backend() != "tensorflow":
-        pytest.skip("the recomputing custom gradient is TensorFlow's path")
+        pytest.skip("tf.GradientTape (the JAX twins are below)")
     import tensorflow as tf
 
     return tf

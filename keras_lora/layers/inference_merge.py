@@ -37,6 +37,13 @@ Only inference merges, and only outside any gradient computation:
   `training=False` inside `fit` (a frozen-BatchNorm pattern) therefore
   stays factorised in its train step, which never forms the full update.
 
+  Two limits, where the check cannot see the gradient from inside a trace
+  (gradients stay exact there; only the full update is formed): a
+  TensorFlow `tf.function` traced outside any tape and later called inside
+  one reuses its traced graph; on JAX, `jax.grad` of an already jitted or
+  `jax.checkpoint`-ed function sees `jit`'s tracers. Keras's own `fit` is
+  not affected on any backend.
+
 Int8 / NF4 bases, DoRA and sparse inputs keep the factorised form. A token
 count unknown while tracing (TensorFlow's relaxed `None` batch axis in a
 retraced `predict`, or `evaluate`) is decided at run time, in the graph.
