@@ -30,6 +30,7 @@ import sys
 
 import numpy as np
 
+from keras_lora import _bench_device
 from keras_lora._argtypes import UsageError, positive_int, positive_ints
 
 # (name, probe spec): how each row trains.
@@ -198,8 +199,6 @@ def summarize(budget, probes):
     for row in rows.values():
         row["vs_full"] = row["params"] / full if full else None
     ratio = rows["lora_nf4"]["vs_full"] if "lora_nf4" in rows else None
-    from keras_lora import _bench_device
-
     return {
         "budget_bytes": budget,
         "backend": _bench_device._backend(),

@@ -89,9 +89,10 @@ def test_input_gradient_equals_numpy_and_nan_stays_in_its_row(mode):
     np.testing.assert_allclose(y.numpy()[1:], x[1:] @ w, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_factor_gradients_exact_and_no_gradient_to_the_base(mode):
-    tf = _tf()
+def _layer_on_stored_base(mode):
+    """A built LoRADense(24) on a `mode` base with a nonzero `lora_b`, its
+    dequantised base `w`, factors `a`, `b`, and an input `x` (6, 100) and
+    upstream gradient `dy` (6, 24)."""
     layer = LoRADense(24, rank=3, base_dtype=mode, lora_init="gaussian")
     layer.build((None, 100))
     layer.lora_b.assign(np.random.default_rng(4).normal(size=(3, 24)) * 0.1)
@@ -99,6 +100,13 @@ def test_factor_gradients_exact_and_no_gradient_to_the_base(mode):
     a, b = (ops.convert_to_numpy(v) for v in (layer.lora_a, layer.lora_b))
     x = np.random.default_rng(5).normal(size=(6, 100)).astype("float32")
     dy = np.random.default_rng(6).normal(size=(6, 24)).astype("float32")
+    return layer, w, a, b, x, dy
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_factor_gradients_exact_and_no_gradient_to_the_base(mode):
+    tf = _tf()
+    layer, w, a, b, x, dy = _layer_on_stored_base(mode)
     watched = [layer.lora_a, layer.lora_b, layer.bias, layer.kernel]
 
     @tf.function
@@ -261,13 +269,7 @@ def test_jax_gradients_equal_numpy_and_nan_stays_in_its_row(mode):
     )
 
     # through a LoRADense on that base, in a stateless train-style call
-    layer = LoRADense(24, rank=3, base_dtype=mode, lora_init="gaussian")
-    layer.build((None, 100))
-    layer.lora_b.assign(np.random.default_rng(4).normal(size=(3, 24)) * 0.1)
-    w = ops.convert_to_numpy(layer.dequantized_frozen_weight())
-    a, b = (ops.convert_to_numpy(v) for v in (layer.lora_a, layer.lora_b))
-    x2 = np.random.default_rng(5).normal(size=(6, 100)).astype("float32")
-    dy2 = np.random.default_rng(6).normal(size=(6, 24)).astype("float32")
+    layer, w, a, b, x2, dy2 = _layer_on_stored_base(mode)
     trainable = [v.value for v in layer.trainable_variables]
     frozen = [v.value for v in layer.non_trainable_variables]
     names = [v.name for v in layer.trainable_variables]

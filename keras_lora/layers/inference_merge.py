@@ -80,9 +80,7 @@ def _decide(layer, inputs, training, fan_in):
     merges = merges_on_the_fly(tokens, fan_in, training)
     if merges is False:
         return False
-    variables = (layer.lora_a, layer.lora_b, layer.bias)
-    values = [inputs] + [v.value for v in variables if v is not None]
-    if recording_gradients(*values):
+    if recording_gradients(inputs, (layer.lora_a, layer.lora_b, layer.bias)):
         return False
     return merges
 
@@ -119,14 +117,15 @@ def runtime_merges(inputs, in_features):
     )
 
 
-def recording_gradients(*values):
-    """Whether a gradient may be taken through this call, so that merging
-    would form the full update in a train step. Errs towards True.
+def recording_gradients(inputs, variables):
+    """Whether a gradient may be taken through a call on `inputs` with
+    `variables` (None entries skipped), so that merging would form the full
+    update in a train step. Errs towards True.
 
     - TensorFlow: any `GradientTape` is recording;
     - torch: grad mode is enabled (`predict` and `evaluate` disable it);
-    - JAX: a value is a tracer of any transform other than `jit`'s
-      tracing (`grad`, `vjp`, `jvp`, `vmap`, ...).
+    - JAX: the inputs or a variable's value is a tracer of any transform
+      other than `jit`'s tracing (`grad`, `vjp`, `jvp`, `vmap`, ...).
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -140,7 +139,8 @@ def recording_gradients(*values):
 
         return torch.is_grad_enabled()
     if backend == "jax":
-        return any(_jax_differentiating(value) for value in values)
+        values = [v.value for v in variables if v is not None]
+        return any(_jax_differentiating(x) for x in [inputs, *values])
     return True
 
 
