@@ -6,6 +6,7 @@ from keras import ops
 from keras_lora import _checks, quant, quant_matmul
 from keras_lora.layers import dora, inference_merge
 from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.branch import lora_branch
 from keras_lora.linalg import _is_sparse as is_sparse
 from keras_lora.linalg import frozen_matmul
 
@@ -177,24 +178,22 @@ class LoRADense(LoRALayer):
         else:
             outputs = frozen_matmul(inputs, self._frozen_for_call())
         lora_inputs = self._lora_inputs(inputs, training)
-        # (..., in) @ (in, r) -> (..., r), scaled while small
-        x_r = ops.multiply(ops.matmul(lora_inputs, self.lora_a), self.scale)
-        # (..., r) @ (r, units) -> (..., units)
-        branch = ops.matmul(x_r, self._lora_b())
         if self.use_dora:  # (..., units) * m / ||W + scale * A @ B||_c
+            branch = lora_branch(
+                lora_inputs, self.lora_a, self._lora_b(), None, self.scale
+            )
             outputs = dora.rescale(self, ops.add(outputs, branch))
-            branch = None
-        elif self.bias is not None:
-            # The bias joins the small branch product, where TensorFlow's
-            # oneDNN fuses it into the GEMM, so the output-sized tensor is
-            # added once, not twice (TF CPU, 1024 x 768 -> 3072: inference
-            # 1.12x -> 1.04x a Dense).
-            branch = ops.add(branch, self.bias)
-        if branch is not None:
-            return ops.add(outputs, branch)
-        if self.bias is not None:
-            outputs = ops.add(outputs, self.bias)
-        return outputs
+            if self.bias is not None:
+                outputs = ops.add(outputs, self.bias)
+            return outputs
+        # The bias joins the small branch product, where TensorFlow's oneDNN
+        # fuses it into the GEMM, so the output-sized tensor is added once,
+        # not twice (TF CPU, 1024 x 768 -> 3072: inference 1.12x -> 1.04x a
+        # Dense); on JAX its gradient shares the dB product (`branch`).
+        branch = lora_branch(
+            lora_inputs, self.lora_a, self._lora_b(), self.bias, self.scale
+        )
+        return ops.add(outputs, branch)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)

@@ -1,0 +1,124 @@
+"""`layers.branch.lora_branch`: the values and every gradient of the LoRA
+branch equal numpy's closed form on each backend (the fused backward runs on
+JAX), directly and through a LoRADense train step on rank-3 inputs."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_lora import LoRADense
+from keras_lora.layers.branch import lora_branch
+
+TOKENS, FAN_IN, RANK, UNITS, SCALE = 12, 5, 3, 7, 2.5
+
+
+def _arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        rng.normal(size=shape).astype("float32")
+        for shape in (
+            (TOKENS, FAN_IN),
+            (FAN_IN, RANK),
+            (RANK, UNITS),
+            (UNITS,),
+            (TOKENS, UNITS),
+        )
+    ]
+
+
+def _closed_form(x, a, b, g, scale):
+    """numpy: the branch, and the gradients of sum(branch * g)."""
+    x_r = x @ a * scale
+    d_x_r = g @ b.T * scale
+    return {
+        "out": x_r @ b,
+        "x": d_x_r @ a.T,
+        "a": x.T @ d_x_r,
+        "b": x_r.T @ g,
+        "bias": g.sum(0),
+    }
+
+
+def _gradients(fn, args, g):
+    """Gradients of sum(fn(*args) * g) with respect to every arg."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        args = [tf.constant(v) for v in args]
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            loss = tf.reduce_sum(fn(*args) * g)
+        return [t.numpy() for t in tape.gradient(loss, args)]
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        def loss(*args):
+            return jnp.sum(fn(*args) * g)
+
+        grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+        return [np.asarray(t) for t in grads(*args)]
+    import torch
+
+    args = [torch.tensor(v, requires_grad=True) for v in args]
+    torch.sum(fn(*args) * torch.tensor(g)).backward()
+    return [t.grad.numpy() for t in args]
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_values_and_gradients_equal_the_closed_form(with_bias):
+    x, a, b, bias, g = _arrays()
+    want = _closed_form(x, a, b, g, SCALE)
+    args = [x, a, b] + ([bias] if with_bias else [])
+
+    def branch(x, a, b, *bias):
+        return lora_branch(x, a, b, bias[0] if bias else None, SCALE)
+
+    out = ops.convert_to_numpy(branch(*args))
+    np.testing.assert_allclose(
+        out, want["out"] + (bias if with_bias else 0), rtol=1e-5, atol=1e-5
+    )
+    grads = _gradients(branch, args, g)
+    names = ["x", "a", "b"] + (["bias"] if with_bias else [])
+    assert len(grads) == len(names)
+    for name, got in zip(names, grads):
+        np.testing.assert_allclose(
+            got, want[name], rtol=1e-5, atol=1e-5, err_msg=name
+        )
+
+
+def test_layer_train_step_on_rank3_inputs_moves_each_factor_by_its_gradient():
+    # One SGD step on a sum loss of rank-3 inputs: the
+    # change of A, B and the bias is minus numpy's gradient, so a wrong
+    # fused gradient (scale, transposes, the bias row) fails here.
+    x, _, _, _, g = _arrays(1)
+    x3, g3 = x.reshape(3, 4, FAN_IN), g.reshape(3, 4, UNITS)
+    layer = LoRADense(UNITS, rank=RANK, alpha=RANK * SCALE)
+    model = keras.Sequential([keras.Input((4, FAN_IN)), layer])
+    rng = np.random.default_rng(2)
+    layer.lora_b.assign(rng.normal(size=(RANK, UNITS)).astype("float32"))
+    layer.bias.assign(rng.normal(size=(UNITS,)).astype("float32"))
+    before = {
+        n: ops.convert_to_numpy(getattr(layer, n)).copy()
+        for n in ("kernel", "lora_a", "lora_b", "bias")
+    }
+    assert layer.scale == pytest.approx(SCALE)
+
+    def loss(y_true, y_pred):  # sum(y_pred * g) per sample
+        return ops.sum(y_pred * y_true, axis=(1, 2))
+
+    # Keras means the loss over the batch of 3: a learning rate of 3 makes
+    # the step minus the gradient of the summed loss.
+    model.compile(optimizer=keras.optimizers.SGD(3.0), loss=loss)
+    model.train_on_batch(x3, g3)
+    want = _closed_form(x, before["lora_a"], before["lora_b"], g, SCALE)
+    for name, key in (("lora_a", "a"), ("lora_b", "b"), ("bias", "bias")):
+        moved = before[name] - ops.convert_to_numpy(getattr(layer, name))
+        np.testing.assert_allclose(
+            moved, want[key], rtol=1e-4, atol=1e-4, err_msg=name
+        )
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(layer.kernel), before["kernel"]
+    )
