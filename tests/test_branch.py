@@ -122,3 +122,24 @@ def test_layer_train_step_on_rank3_inputs_moves_each_factor_by_its_gradient():
     np.testing.assert_array_equal(
         ops.convert_to_numpy(layer.kernel), before["kernel"]
     )
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_add_branch_values_and_torch_accumulates_in_place(fresh):
+    from keras_lora.layers.branch import add_branch
+
+    x, a, b, bias, _ = _arrays(3)
+    base = ops.convert_to_tensor(np.ones((TOKENS, UNITS), "float32"))
+    zeros = np.zeros((TOKENS, UNITS), "float32")
+    want = 1.0 + _closed_form(x, a, b, zeros, SCALE)["out"] + bias
+    args = [ops.convert_to_tensor(v) for v in (x, a, b, bias)]
+    got = add_branch(base, *args, SCALE, fresh=fresh)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(got), want, rtol=1e-5, atol=1e-5
+    )
+    # On torch a fresh product takes the branch in place (no output-sized
+    # temporaries); a product others may read is never written.
+    in_place = keras.backend.backend() == "torch" and fresh
+    assert (got is base) == in_place
+    if not in_place:
+        np.testing.assert_array_equal(ops.convert_to_numpy(base), 1.0)

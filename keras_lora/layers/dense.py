@@ -6,7 +6,7 @@ from keras import ops
 from keras_lora import _checks, quant, quant_matmul
 from keras_lora.layers import dora, inference_merge
 from keras_lora.layers.base import LoRALayer
-from keras_lora.layers.branch import lora_branch
+from keras_lora.layers.branch import add_branch, lora_branch
 from keras_lora.linalg import _is_sparse as is_sparse
 from keras_lora.linalg import frozen_matmul
 
@@ -189,11 +189,17 @@ class LoRADense(LoRALayer):
         # The bias joins the small branch product, where TensorFlow's oneDNN
         # fuses it into the GEMM, so the output-sized tensor is added once,
         # not twice (TF CPU, 1024 x 768 -> 3072: inference 1.12x -> 1.04x a
-        # Dense); on JAX its gradient shares the dB product (`branch`).
-        branch = lora_branch(
-            lora_inputs, self.lora_a, self._lora_b(), self.bias, self.scale
+        # Dense); on JAX its gradient shares the dB product, and on torch the
+        # branch accumulates into the base product in place (`branch`).
+        return add_branch(
+            outputs,
+            lora_inputs,
+            self.lora_a,
+            self._lora_b(),
+            self.bias,
+            self.scale,
+            fresh=self.base_dtype not in quant.INT_MODES,
         )
-        return ops.add(outputs, branch)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
