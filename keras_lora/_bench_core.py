@@ -9,7 +9,11 @@ one builder per layer kind (`LAYERS`). With `layer="dense"` the stack takes
 - `keras_lora`: `keras.layers.Dense(..., lora_rank=rank)`, Keras's built-in
   LoRA, which rebuilds `kernel + A @ B` on every call;
 - `lora`: `LoRADense`, factorised;
-- `merged`: `merge_lora` of the LoRADense stack, inference only.
+- `merged`: `merge_lora` of the LoRADense stack, inference only;
+- `bias_only`: the `dense` stack with every kernel frozen, train step only:
+  the floor of any adapter's train step in Keras (the forward pass, the
+  loss and its output-sized gradient, the optimizer and the step's own
+  overhead, with no weight gradient but the bias's).
 
 With `layer="einsum"` each layer is an attention query projection,
 `EinsumDense(EQUATION, (seq, heads, width // heads), bias_axes="nh")` (BERT's
@@ -57,8 +61,9 @@ import time
 
 from keras_lora import _bench_device, _bench_stats
 
-VARIANTS = ("dense", "keras_lora", "lora", "merged")
-TRAINED = ("dense", "keras_lora", "lora")
+VARIANTS = ("dense", "keras_lora", "lora", "merged", "bias_only")
+TRAINED = ("dense", "keras_lora", "lora")  # and memory-probed
+TRAIN_ONLY = ("bias_only",)
 LAYERS = ("dense", "einsum")
 EQUATION = "btd,dnh->btnh"  # (batch, seq, width) . (width, heads, head_dim)
 
@@ -142,11 +147,16 @@ def build_variant(
         seq = 128 if seq is None else seq
         heads = 8 if heads is None else heads
     build = _BUILDERS[layer]
-    stack = "lora" if name == "merged" else name
+    stack = {"merged": "lora", "bias_only": "dense"}.get(name, name)
     units = width if units is None else units
     model = build(stack, width, depth, rank, dtype, seq, heads, units)
     if name == "merged":
         model = merge_lora(model)
+    if name == "bias_only":
+        model.name = name
+        for layer in model.layers:
+            if hasattr(layer, "kernel"):
+                layer.kernel.trainable = False
     model.compile(optimizer="adam", loss="mse")
     return model
 
@@ -200,8 +210,10 @@ def _round(steps, samples, x, y, index):
     """Times each variant once, its order rotated by `index`."""
     k = index % len(VARIANTS)
     for v in VARIANTS[k:] + VARIANTS[:k]:
-        if v in TRAINED:
+        if v in TRAINED + TRAIN_ONLY:
             samples[v, "train"].append(_timed(steps[v, "train"], x, y))
+        if v in TRAIN_ONLY:
+            continue
         samples[v, "inference"].append(_timed(steps[v, "inference"], x))
         samples[v, "end_to_end"].append(_timed(steps[v, "end_to_end"], x))
 
@@ -215,8 +227,10 @@ def measure_times(args, progress):
     models = {v: _build(v, args) for v in VARIANTS}
     steps = {}
     for v, model in models.items():
-        if v in TRAINED:
+        if v in TRAINED + TRAIN_ONLY:
             steps[v, "train"] = _bench_device.train_step(model)
+        if v in TRAIN_ONLY:
+            continue
         steps[v, "inference"] = _bench_device.inference_step(model)
         steps[v, "end_to_end"] = _bench_device.end_to_end_step(model)
     samples = {key: [] for key in steps}

@@ -57,9 +57,12 @@ def format_table(report):
             if "memory" in f
             else "-"
         )
+        infer, e2e = (
+            (_ms(f[k]) if k in f else "-") for k in ("inference", "end_to_end")
+        )
         lines.append(
             f"{v:<11} {f['trainable_params']:>11,} {train:>22} "
-            f"{_ms(f['inference']):>9} {_ms(f['end_to_end']):>8} {mem:>14}"
+            f"{infer:>9} {e2e:>8} {mem:>14}"
         )
     lines += [
         "",
@@ -69,7 +72,8 @@ def format_table(report):
         ci = report["intervals"][key]
         shown = "-" if value is None else f"{value:.3f}"
         span = "-" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
-        target = "<= " + str(report["targets"][key])
+        target = report["targets"].get(key)
+        target = "-" if target is None else f"<= {target}"
         lines.append(
             f"{key:<26} {shown:>7} {span:>15} {target:>8}  "
             f"{report['met'][key] or '-'}"

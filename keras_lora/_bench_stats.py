@@ -69,6 +69,9 @@ RATIOS = {
     "train_lora_vs_dense": (("lora", "train"), ("dense", "train")),
     "train_lora_vs_keras_lora": (("lora", "train"), ("keras_lora", "train")),
     "train_vs_forward": (("lora", "train"), ("lora", "inference")),
+    # the same for the bias-only floor: no target, it shows what any
+    # adapter's train step costs in Keras at this shape
+    "floor_train_vs_forward": (("bias_only", "train"), ("lora", "inference")),
     "infer_unmerged_vs_dense": (("lora", "inference"), ("dense", "inference")),
     "infer_merged_vs_dense": (("merged", "inference"), ("dense", "inference")),
     "memory_lora_vs_dense": (("lora", "memory"), ("dense", "memory")),

@@ -15,6 +15,7 @@ RATIO_KEYS = {
     "train_lora_vs_dense",
     "train_lora_vs_keras_lora",
     "train_vs_forward",
+    "floor_train_vs_forward",
     "infer_unmerged_vs_dense",
     "infer_merged_vs_dense",
     "memory_lora_vs_dense",
@@ -73,6 +74,10 @@ def test_json_has_every_ratio(report):
 def test_json_has_raw_figures_per_variant(report):
     assert set(report["variants"]) == set(bench.VARIANTS)
     for name, figures in report["variants"].items():
+        if name in bench.TRAIN_ONLY:
+            assert set(figures) == {"trainable_params", "train"}, name
+            assert figures["train"]["n"] == 3
+            continue
         assert figures["inference"]["n"] == 3
         assert (
             0 < figures["inference"]["p10_s"] <= figures["inference"]["p90_s"]
@@ -94,6 +99,19 @@ def test_trainable_counts(report):
     assert figures["lora"]["trainable_params"] == 2 * 64 * 8 + 64
     assert figures["keras_lora"]["trainable_params"] == 2 * 64 * 8 + 64
     assert figures["merged"]["trainable_params"] == 64 * 64 + 64
+    assert figures["bias_only"]["trainable_params"] == 64
+
+
+@pytest.mark.parametrize("layer", ["dense", "einsum"])
+def test_bias_only_floor_freezes_every_kernel_and_trains_its_biases(layer):
+    model = bench.build_variant(
+        "bias_only", 8, 2, 2, "float32", layer=layer, seq=4, heads=2
+    )
+    assert model.name == "bias_only"
+    kinds = {"dense": "Dense", "einsum": "EinsumDense"}
+    kernels = [lay for lay in model.layers if hasattr(lay, "kernel")]
+    assert [type(lay).__name__ for lay in kernels] == [kinds[layer]] * 2
+    assert [w.name for w in model.trainable_weights] == ["bias"] * 2
 
 
 # Each ratio as the README defines it: (numerator, denominator), each a
@@ -102,6 +120,7 @@ DEFINITIONS = {
     "train_lora_vs_dense": (("lora", "train"), ("dense", "train")),
     "train_lora_vs_keras_lora": (("lora", "train"), ("keras_lora", "train")),
     "train_vs_forward": (("lora", "train"), ("lora", "inference")),
+    "floor_train_vs_forward": (("bias_only", "train"), ("lora", "inference")),
     "infer_unmerged_vs_dense": (("lora", "inference"), ("dense", "inference")),
     "infer_merged_vs_dense": (("merged", "inference"), ("dense", "inference")),
     "memory_lora_vs_dense": (("lora", "memory"), ("dense", "memory")),
@@ -140,9 +159,11 @@ def test_einsum_report_says_what_it_measured(einsum_report, report):
     assert set(einsum_report["ratios"]) == RATIO_KEYS
     assert set(einsum_report["variants"]) == set(bench.VARIANTS)
     for name, figures in einsum_report["variants"].items():
-        assert figures["inference"]["n"] == 3
+        assert ("inference" in figures) == (name not in bench.TRAIN_ONLY)
+        assert figures.get("inference", {"n": 3})["n"] == 3
         assert "memory" not in figures
-        assert ("train" in figures) == (name in bench.TRAINED)
+        trained = bench.TRAINED + bench.TRAIN_ONLY
+        assert ("train" in figures) == (name in trained)
 
 
 def test_einsum_trainable_counts(einsum_report):
@@ -211,10 +232,13 @@ def _synthetic_figures(memory=True):
     """Figures whose every median (and memory) is a different prime, so a
     swapped or wrong numerator or denominator gives another number:
     dense 2, 3, 5; keras_lora 7, 11, 13; lora 17, 19, 23 (inference, train,
-    memory); merged 29 (inference)."""
-    primes = iter([2, 3, 5, 7, 11, 13, 17, 19, 23, 29])
+    memory); merged 29 (inference); bias_only 31 (train)."""
+    primes = iter([2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31])
     figures = {}
     for v in bench.VARIANTS:
+        if v in bench.TRAIN_ONLY:
+            figures[v] = {"train": {"median_s": next(primes)}}
+            continue
         figures[v] = {"inference": {"median_s": next(primes)}}
         if v in bench.TRAINED:
             figures[v]["train"] = {"median_s": next(primes)}
@@ -229,6 +253,7 @@ def test_ratios_of_known_figures():
         "train_lora_vs_dense": 19 / 3,
         "train_lora_vs_keras_lora": 19 / 11,
         "train_vs_forward": 19 / 17,
+        "floor_train_vs_forward": 31 / 17,
         "infer_unmerged_vs_dense": 17 / 2,
         "infer_merged_vs_dense": 29 / 2,
         "memory_lora_vs_dense": 23 / 5,
@@ -357,22 +382,28 @@ def test_report_carries_intervals_and_verdicts(name, request):
             assert ci is None and report["met"][key] is None
             continue
         assert ci[0] <= ci[1]
-        assert report["met"][key] == _bench_stats.verdict(
-            ci, report["targets"][key]
+        target = report["targets"][key]
+        assert report["met"][key] == (
+            None if target is None else _bench_stats.verdict(ci, target)
         )
-    for figures in report["variants"].values():
+    assert report["targets"]["floor_train_vs_forward"] is None
+    for name, figures in report["variants"].items():
+        if name in bench.TRAIN_ONLY:
+            continue
         for kind in ("inference", "end_to_end"):
             assert len(figures[kind]["samples_s"]) == figures[kind]["n"]
 
 
 def test_verdicts_of_known_intervals():
     cis = {"a": [0.1, 0.2], "b": [0.3, 0.4], "c": [0.2, 0.3], "d": None}
-    targets = dict.fromkeys(cis, 0.25)
+    cis["e"] = [0.1, 0.2]
+    targets = dict.fromkeys(cis, 0.25) | {"e": None}
     assert bench.verdicts(cis, targets) == {
         "a": "yes",
         "b": "no",
         "c": "unclear",
         "d": None,
+        "e": None,  # no target: no verdict
     }
 
 
@@ -413,8 +444,9 @@ def test_bench_runs_under_each_backend(backend):
             assert ci is None  # --no-memory
             continue
         assert len(ci) == 2 and ci[0] <= ci[1]
-        assert report["met"][key] == _bench_stats.verdict(
-            ci, report["targets"][key]
+        target = report["targets"][key]
+        assert report["met"][key] == (
+            None if target is None else _bench_stats.verdict(ci, target)
         )
 
 
