@@ -26,7 +26,6 @@ Sources:
 - microsoft/LoRA `loralib/layers.py` (one `LoRALayer` mixin for every kind).
 """
 
-import functools
 import hashlib
 import math
 import warnings
@@ -39,6 +38,7 @@ from keras_lora import _checks
 from keras_lora.layers import dora
 from keras_lora.layers.conversion import LORA_KEYS, BaseConversion  # noqa: F401
 from keras_lora.layers.quantized import QuantizedBase
+from keras_lora.layers.remat import RematWithTraining
 from keras_lora.linalg import svd_factors
 
 LORA_INITS = ("default", "gaussian", "pissa")
@@ -57,7 +57,9 @@ class RankWarning(UserWarning):
     (and, with PiSSA, factor columns that stay zero)."""
 
 
-class LoRALayer(BaseConversion, QuantizedBase, keras.layers.Layer):
+class LoRALayer(
+    BaseConversion, QuantizedBase, RematWithTraining, keras.layers.Layer
+):
     """Base of every keras_lora layer: a frozen weight plus `scale * A @ B`.
 
     Args:
@@ -258,37 +260,6 @@ class LoRALayer(BaseConversion, QuantizedBase, keras.layers.Layer):
                 inputs, self.dropout, seed=self.seed_generator
             )
         return inputs
-
-    def rematerialized_call(self, layer_call, *args, **kwargs):
-        """Keras's `RematScope` wraps `call` in `jax.checkpoint` on JAX,
-        which traces every argument: the Python `training` flag would become
-        a tracer, and `if training` (dropout, the inference merge) fails.
-        Bind the flag before wrapping, so it stays a Python value.
-
-        On TensorFlow, Keras's remat is `tf.recompute_grad`, which refuses
-        keyword arguments in a graph (Keras's own `Dense` fails there) and,
-        given them bound, returned wrong factor gradients: refused."""
-        if keras.backend.backend() == "tensorflow":
-            raise NotImplementedError(
-                f"Layer {self.name!r} was built inside "
-                f"keras.RematScope(mode={self._remat_mode.mode!r}): "
-                "rematerialisation of keras_lora layers is supported on "
-                "the JAX and torch backends, not on TensorFlow (received "
-                "KERAS_BACKEND='tensorflow'). Build the layer outside the "
-                "scope."
-            )
-        if "training" not in kwargs:
-            return super().rematerialized_call(layer_call, *args, **kwargs)
-        training = kwargs.pop("training")
-        remat_call = super().rematerialized_call(
-            functools.partial(layer_call, training=training), *args, **kwargs
-        )
-
-        def call(*call_args, **call_kwargs):
-            call_kwargs.pop("training", None)
-            return remat_call(*call_args, **call_kwargs)
-
-        return call
 
     def get_config(self):
         return {
