@@ -89,7 +89,9 @@ def test_values_and_gradients_equal_the_closed_form(with_bias):
         )
 
 
-def test_layer_train_step_on_rank3_inputs_moves_each_factor_by_its_gradient():
+def test_layer_train_step_on_rank3_inputs_moves_each_factor_by_its_gradient(
+    exact_step,
+):
     # One SGD step on a sum loss of rank-3 inputs: the
     # change of A, B and the bias is minus numpy's gradient, so a wrong
     # fused gradient (scale, transposes, the bias row) fails here.
@@ -111,7 +113,7 @@ def test_layer_train_step_on_rank3_inputs_moves_each_factor_by_its_gradient():
 
     # Keras means the loss over the batch of 3: a learning rate of 3 makes
     # the step minus the gradient of the summed loss.
-    model.compile(optimizer=keras.optimizers.SGD(3.0), loss=loss)
+    model.compile(optimizer=keras.optimizers.SGD(3.0), loss=loss, **exact_step)
     model.train_on_batch(x3, g3)
     want = _closed_form(x, before["lora_a"], before["lora_b"], g, SCALE)
     for name, key in (("lora_a", "a"), ("lora_b", "b"), ("bias", "bias")):
@@ -143,3 +145,28 @@ def test_add_branch_values_and_torch_accumulates_in_place(fresh):
     assert (got is base) == in_place
     if not in_place:
         np.testing.assert_array_equal(ops.convert_to_numpy(base), 1.0)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="jax.jvp")
+def test_forward_mode_autodiff_through_the_layer():
+    # Every JAX transform applies (no custom_vjp in the branch): the
+    # tangent of the output is the tangent of x through W + scale * A @ B.
+    import jax
+
+    x, _, _, _, _ = _arrays(4)
+    layer = LoRADense(UNITS, rank=RANK, alpha=RANK * SCALE)
+    layer.build((None, FAN_IN))
+    rng = np.random.default_rng(5)
+    layer.lora_b.assign(rng.normal(size=(RANK, UNITS)).astype("float32"))
+    trainable = [v.value for v in layer.trainable_variables]
+    frozen = [v.value for v in layer.non_trainable_variables]
+    x3, dx3 = x.reshape(3, 4, FAN_IN), np.ones((3, 4, FAN_IN), "float32")
+
+    def f(x):
+        return layer.stateless_call(trainable, frozen, x, training=True)[0]
+
+    _, tangent = jax.jvp(f, (x3,), (dx3,))
+    merged = ops.convert_to_numpy(layer.merged_kernel())
+    np.testing.assert_allclose(
+        np.asarray(tangent), dx3 @ merged, rtol=1e-5, atol=1e-5
+    )

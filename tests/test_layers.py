@@ -499,7 +499,7 @@ def test_frozen_matmul_gradient_matches_autodiff(shape):
     )
 
 
-def test_stacked_layers_train_like_reference():
+def test_stacked_layers_train_like_reference(exact_step):
     # Two stacked layers: the second's input gradient reaches the first's
     # factors through the frozen kernel; compare with a plain-ops reference.
     model = keras.Sequential(
@@ -523,7 +523,7 @@ def test_stacked_layers_train_like_reference():
     g_out = 2 * (out - y) / out.size
     g_h = g_out @ (k2 + a2 @ b2).T
     expected_a1 = x.T @ (g_h @ b1.T)
-    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse", **exact_step)
     model.train_on_batch(x, y)
     np.testing.assert_allclose(
         a1 - keras.ops.convert_to_numpy(model.layers[0].lora_a),
@@ -573,3 +573,22 @@ def test_remat_scope_trains_and_predicts_like_no_remat():
     for got, want in zip(remat.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert not np.allclose(plain.get_weights()[1], before[1])
+
+
+def test_remat_scope_passes_training_on_to_the_branch_dropout():
+    # The flag must reach the layer, not only stop failing: with dropout on
+    # the branch, training=True must drop (the branch differs from
+    # inference) and training=False must not.
+    if keras.backend.backend() == "tensorflow":
+        pytest.skip("refused on TensorFlow (see the test above)")
+    with keras.RematScope(mode="full"):
+        layer = LoRADense(6, rank=4, dropout=0.5)
+    layer.build((None, 8))
+    layer.lora_b.assign(np.ones((4, 6), "float32"))
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype("float32")
+    kernel_only = x @ _np(layer.kernel) + _np(layer.bias)
+    inference = _np(layer(x, training=False))
+    trained = _np(layer(x, training=True))
+    branch = x @ _np(layer.lora_a) @ _np(layer.lora_b) * layer.scale
+    np.testing.assert_allclose(inference, kernel_only + branch, rtol=1e-5)
+    assert not np.allclose(trained, inference, rtol=1e-3)
