@@ -31,7 +31,14 @@ def _number(value):
     return int(value) if float(value).is_integer() else float(value)
 
 
-def _check(table, lora):
+def _untracked_training(model, lora):
+    """The paths of trainable weights outside every LoRA layer (layers kept
+    trainable, or set trainable again): PEFT's file would drop them."""
+    own = {id(v) for layer in lora.values() for v in layer.trainable_weights}
+    return [v.path for v in model.trainable_weights if id(v) not in own]
+
+
+def _check(table, lora, model):
     """Returns `{path: (index, module)}`; raises listing every problem."""
     mapped, problems = {}, []
     for path, layer in lora.items():
@@ -56,6 +63,12 @@ def _check(table, lora):
     for flag in ("use_rslora", "use_dora"):
         if len({getattr(x, flag, False) for x in lora.values()}) > 1:
             problems.append(f"{flag} differs between layers; PEFT has one")
+    for path in _untracked_training(model, lora):
+        problems.append(
+            f"'{path}': trains outside the LoRA layers, and the adapter "
+            "holds only the LoRA factors (no modules_to_save); set its "
+            "layer's trainable = False, or keep it with save_adapters"
+        )
     if problems:
         raise ValueError(
             "Expected LoRA layers a PEFT adapter can describe. Received "
@@ -69,7 +82,7 @@ def peft_files(model, base_model_name_or_path=None):
     """Returns `(config dict, {key: float32 array})` for `model`'s LoRA."""
     table = _peft_maps.map_for(model)
     lora = _tree.lora_layers(model)
-    mapped = _check(table, lora)
+    mapped = _check(table, lora, model)
     names = {p: table.hf_name(*mapped[p]) for p in lora}
     rank = _most_common(layer.rank for layer in lora.values())
     alpha = _most_common(layer.alpha for layer in lora.values())

@@ -185,8 +185,9 @@ def save_peft_adapters(model, folder, base_model_name_or_path=None):
     Raises:
         TypeError: `model` is not a backbone with a name table.
         ValueError: a LoRA layer PEFT cannot describe (another layer, a
-            PiSSA split, a training bias, mixed `use_rslora`), all listed;
-            a model with named adapters (`add_adapter`).
+            PiSSA split, a training bias, mixed `use_rslora`), or a weight
+            training outside the LoRA layers (`keep_trainable`), all
+            listed; a model with named adapters (`add_adapter`).
     """
     from keras_lora import _peft_export
 

@@ -459,6 +459,17 @@ def test_save_refuses_what_peft_cannot_describe(bases, tmp_path):
     with pytest.raises(ValueError, match="'token_embedding'"):
         save_peft_adapters(lora, tmp_path / "embedding")
     assert not (tmp_path / "embedding").exists()
+    # a layer kept trainable would be dropped from the file: refused,
+    # named, nothing written; frozen again, the same model saves
+    kept = apply_lora(
+        backbone, rank=2, targets=[q0], keep_trainable=["token_embedding"]
+    )
+    with pytest.raises(ValueError, match="token_embedding.*trains outside"):
+        save_peft_adapters(kept, tmp_path / "kept")
+    assert not (tmp_path / "kept").exists()
+    kept.get_layer("token_embedding").trainable = False
+    save_peft_adapters(kept, tmp_path / "kept")
+    assert (tmp_path / "kept" / "adapter_model.safetensors").exists()
 
 
 def test_reading_needs_no_torch(bases, tmp_path):
