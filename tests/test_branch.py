@@ -170,3 +170,81 @@ def test_forward_mode_autodiff_through_the_layer():
     np.testing.assert_allclose(
         np.asarray(tangent), dx3 @ merged, rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX only")
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_one_product_values_gradients_and_tangents(with_bias):
+    # `base_and_branch`: x @ W + the branch of a separate (dropped-out)
+    # input, as one product with its own tangent rule: the value, the
+    # gradient of every operand and a jvp in the factors against numpy.
+    import jax
+
+    from keras_lora.layers.branch import base_and_branch, fuses_base
+
+    x, a, b, bias, g = _arrays(6)
+    rng = np.random.default_rng(7)
+    kernel = rng.normal(size=(FAN_IN, UNITS)).astype("float32")
+    lora_x = rng.normal(size=x.shape).astype("float32")
+    bias = bias if with_bias else None
+    assert fuses_base(x, kernel, a, b, bias)
+    want = _closed_form(lora_x, a, b, g, SCALE)
+    plus = bias if with_bias else 0.0
+
+    def f(x, kernel, lora_x, a, b, *bias):
+        return base_and_branch(
+            x, kernel, lora_x, a, b, bias[0] if bias else None, SCALE
+        )
+
+    args = [x, kernel, lora_x, a, b] + ([bias] if with_bias else [])
+    np.testing.assert_allclose(
+        np.asarray(f(*args)), x @ kernel + want["out"] + plus, rtol=1e-5
+    )
+    names = ["x", "kernel", "lora_x", "a", "b"] + ["bias"] * with_bias
+    wants = {"x": g @ kernel.T, "kernel": x.T @ g, "lora_x": want["x"]}
+    wants.update(a=want["a"], b=want["b"], bias=want["bias"])
+    grads = _gradients(f, args, g)
+    for name, got in zip(names, grads):
+        np.testing.assert_allclose(
+            got, wants[name], rtol=1e-4, atol=1e-4, err_msg=name
+        )
+    t_a = rng.normal(size=a.shape).astype("float32")
+    t_b = rng.normal(size=b.shape).astype("float32")
+    zeros = [np.zeros_like(v) for v in args]
+    tangents = zeros[:3] + [t_a, t_b] + zeros[5:]
+    _, tangent = jax.jvp(f, tuple(args), tuple(tangents))
+    want_t = (lora_x @ t_a) @ b * SCALE + (lora_x @ a) @ t_b * SCALE
+    np.testing.assert_allclose(
+        np.asarray(tangent), want_t, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_a_jax_train_step_takes_one_product_and_inference_does_not(monkeypatch):
+    # Training calls on JAX go through the one product; calls outside
+    # training keep the separate products (a fresh layer must equal its
+    # Dense bit for bit); both compute the same values.
+    from keras_lora.layers import dense
+
+    calls = []
+    real = dense.base_and_branch
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(dense, "base_and_branch", spy)
+    x, _, _, _, _ = _arrays(8)
+    layer = LoRADense(UNITS, rank=RANK, alpha=RANK * SCALE)
+    layer.build((None, FAN_IN))
+    layer.lora_b.assign(np.ones((RANK, UNITS), "float32"))
+    inference = ops.convert_to_numpy(layer(x, training=False))
+    assert calls == []
+    trained = ops.convert_to_numpy(
+        layer(x.reshape(3, 4, FAN_IN), training=True)
+    )
+    assert calls == (
+        [(TOKENS, FAN_IN)] if keras.backend.backend() == "jax" else []
+    )
+    np.testing.assert_allclose(
+        trained.reshape(TOKENS, UNITS), inference, rtol=1e-5, atol=1e-5
+    )

@@ -6,7 +6,12 @@ from keras import ops
 from keras_lora import _checks, quant, quant_matmul
 from keras_lora.layers import dora, inference_merge
 from keras_lora.layers.base import LoRALayer
-from keras_lora.layers.branch import add_branch, lora_branch
+from keras_lora.layers.branch import (
+    add_branch,
+    base_and_branch,
+    fuses_base,
+    lora_branch,
+)
 from keras_lora.linalg import _is_sparse as is_sparse
 from keras_lora.linalg import frozen_matmul
 
@@ -172,12 +177,26 @@ class LoRADense(LoRALayer):
         return self._factorised(inputs, training)
 
     def _factorised(self, inputs, training):
+        lora_inputs = self._lora_inputs(inputs, training)
+        fusable = self.base_dtype not in quant.INT_MODES and not self.use_dora
+        if training and fusable:
+            # JAX: base and branch in one product, `[x, x_r, 1] @ [W; B; b]`
+            # (training only: its sums round otherwise than a Dense's, and
+            # a fresh layer outside training equals its Dense bit for bit)
+            kernel = ops.stop_gradient(self._frozen_for_call())
+            factors = [ops.convert_to_tensor(self.lora_a)]
+            factors.append(ops.convert_to_tensor(self._lora_b()))
+            bias = self.bias
+            bias = bias if bias is None else ops.convert_to_tensor(bias)
+            if fuses_base(inputs, kernel, *factors, bias):
+                return base_and_branch(
+                    inputs, kernel, lora_inputs, *factors, bias, self.scale
+                )
         # (..., in) @ (in, units) -> (..., units); no gradient reaches W.
         if self.base_dtype in quant.INT_MODES:
             outputs = quant_matmul.layer_matmul(self, inputs)
         else:
             outputs = frozen_matmul(inputs, self._frozen_for_call())
-        lora_inputs = self._lora_inputs(inputs, training)
         if self.use_dora:  # (..., units) * m / ||W + scale * A @ B||_c
             branch = lora_branch(
                 lora_inputs, self.lora_a, self._lora_b(), None, self.scale
