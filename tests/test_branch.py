@@ -188,6 +188,8 @@ def test_one_product_values_gradients_and_tangents(with_bias):
     lora_x = rng.normal(size=x.shape).astype("float32")
     bias = bias if with_bias else None
     assert fuses_base(x, kernel, a, b, bias)
+    # fewer rows than the kernel's inputs: the kernel's copy costs more
+    assert not fuses_base(x[: FAN_IN - 1], kernel, a, b, bias)
     want = _closed_form(lora_x, a, b, g, SCALE)
     plus = bias if with_bias else 0.0
 

@@ -69,10 +69,16 @@ def add_branch(outputs, inputs, lora_a, lora_b, bias, scale, fresh):
 
 def fuses_base(inputs, kernel, lora_a, lora_b, bias):
     """Whether `base_and_branch` computes in one product: JAX, dense 2-D
-    inputs, and one dtype throughout (a concatenation cannot promote)."""
+    inputs of at least as many rows (tokens) as the kernel has input rows,
+    and one dtype throughout (a concatenation cannot promote). The row rule
+    is the cost: the product copies the (in, units) kernel once per call and
+    saves about four passes over the (tokens, units) output, so with few
+    tokens it loses (32 tokens, 4096 -> 4096: train/forward 1.34 -> 1.91)."""
     if keras.backend.backend() != "jax" or _is_sparse(inputs):
         return False
-    if len(inputs.shape) != 2:
+    if len(inputs.shape) != 2 or inputs.shape[0] is None:
+        return False
+    if inputs.shape[0] < kernel.shape[0]:
         return False
     tensors = [inputs, kernel, lora_a, lora_b]
     if bias is not None:
