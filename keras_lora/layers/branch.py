@@ -18,6 +18,10 @@ form, as do sparse inputs and layers without a bias.
 
 `add_branch`: on torch the branch accumulates into the frozen product in
 place (see there).
+
+`base_and_branch`: on JAX, in a training call with at least as many tokens
+as the kernel has inputs (`fuses_base`), the frozen product and the branch
+are one GEMM, `[x, x_r, 1] @ [W; B; bias]` (see there).
 """
 
 import functools
