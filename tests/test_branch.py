@@ -148,19 +148,23 @@ def test_add_branch_values_and_torch_accumulates_in_place(fresh):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="jax.jvp")
-def test_forward_mode_autodiff_through_the_layer():
+@pytest.mark.parametrize("lead", [(3, 4), (1, 4)])
+def test_forward_mode_autodiff_through_the_layer(lead):
     # Every JAX transform applies (no custom_vjp in the branch): the
     # tangent of the output is the tangent of x through W + scale * A @ B.
+    # 12 rows take the one product (`base_and_branch`), 4 rows, fewer than
+    # the 5 inputs, the separate products (`lora_branch`).
     import jax
 
     x, _, _, _, _ = _arrays(4)
+    x = x[: lead[0] * lead[1]]
     layer = LoRADense(UNITS, rank=RANK, alpha=RANK * SCALE)
     layer.build((None, FAN_IN))
     rng = np.random.default_rng(5)
     layer.lora_b.assign(rng.normal(size=(RANK, UNITS)).astype("float32"))
     trainable = [v.value for v in layer.trainable_variables]
     frozen = [v.value for v in layer.non_trainable_variables]
-    x3, dx3 = x.reshape(3, 4, FAN_IN), np.ones((3, 4, FAN_IN), "float32")
+    x3, dx3 = x.reshape(*lead, FAN_IN), np.ones((*lead, FAN_IN), "float32")
 
     def f(x):
         return layer.stateless_call(trainable, frozen, x, training=True)[0]
@@ -190,6 +194,8 @@ def test_one_product_values_gradients_and_tangents(with_bias):
     assert fuses_base(x, kernel, a, b, bias)
     # fewer rows than the kernel's inputs: the kernel's copy costs more
     assert not fuses_base(x[: FAN_IN - 1], kernel, a, b, bias)
+    # two dtypes: a concatenation cannot promote
+    assert not fuses_base(x, kernel.astype("float16"), a, b, bias)
     want = _closed_form(lora_x, a, b, g, SCALE)
     plus = bias if with_bias else 0.0
 
@@ -250,3 +256,74 @@ def test_a_jax_train_step_takes_one_product_and_inference_does_not(monkeypatch):
     np.testing.assert_allclose(
         trained.reshape(TOKENS, UNITS), inference, rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX only")
+def test_one_product_skips_zero_tangents_without_jit():
+    # The stopped kernel and an input that is not differentiated have zero
+    # tangents: their (tokens, in) @ (in, units) products must not be formed
+    # (without `jit`, nothing would remove them): one output-sized product,
+    # the forward one, in the gradient of A, B and the bias.
+    import jax
+
+    from keras_lora.layers.branch import base_and_branch
+
+    x, a, b, bias, g = _arrays(9)
+    kernel = np.random.default_rng(1).normal(size=(FAN_IN, UNITS))
+    kernel = kernel.astype("float32")
+
+    def loss(a, b, bias):
+        frozen = jax.lax.stop_gradient(kernel)
+        out = base_and_branch(x, frozen, x, a, b, bias, SCALE)
+        return (out * g).sum()
+
+    for argnums in [(0, 1, 2), (2,), (1,)]:
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums))(a, b, bias)
+        outputs = [
+            tuple(v.aval.shape)
+            for eqn in jaxpr.jaxpr.eqns
+            if eqn.primitive.name == "dot_general"
+            for v in eqn.outvars
+        ]
+        assert outputs.count((TOKENS, UNITS)) == 1, (argnums, outputs)
+        grads = jax.grad(loss, argnums)(a, b, bias)
+        want = _closed_form(x, a, b, g, SCALE)
+        for i, got in zip(argnums, grads):
+            key = ["a", "b", "bias"][i]
+            np.testing.assert_allclose(
+                np.asarray(got), want[key], rtol=1e-4, atol=1e-4, err_msg=key
+            )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX only")
+def test_sparse_and_model_parallel_calls_keep_separate_products():
+    # A BCOO input cannot be concatenated, and a sharded kernel would be
+    # moved every step: both train through the separate products, with the
+    # values of a dense, single-device call.
+    from jax.experimental import sparse
+
+    from keras_lora.layers.branch import fuses_base
+
+    x, _, _, _, _ = _arrays(10)
+    x[x < 0] = 0.0
+    layer = LoRADense(UNITS, rank=RANK, alpha=RANK * SCALE)
+    layer.build((None, FAN_IN))
+    layer.lora_b.assign(np.ones((RANK, UNITS), "float32"))
+    dense = ops.convert_to_numpy(layer(x, training=True))
+    got = layer(sparse.BCOO.fromdense(x), training=True)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(got), dense, rtol=1e-5, atol=1e-5
+    )
+    kernel, a, b, bias = (
+        v.numpy()
+        for v in (layer.kernel, layer.lora_a, layer.lora_b, layer.bias)
+    )
+    assert fuses_base(x, kernel, a, b, bias)
+    devices = keras.distribution.list_devices()[:1]
+    mesh = keras.distribution.DeviceMesh((1,), ["model"], devices)
+    layout = keras.distribution.LayoutMap(mesh)
+    parallel = keras.distribution.ModelParallel(layout_map=layout)
+    with parallel.scope():
+        assert not fuses_base(x, kernel, a, b, bias)
+    with keras.distribution.DataParallel(devices=devices).scope():
+        assert fuses_base(x, kernel, a, b, bias)

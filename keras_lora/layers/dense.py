@@ -179,7 +179,7 @@ class LoRADense(LoRALayer):
     def _factorised(self, inputs, training):
         lora_inputs = self._lora_inputs(inputs, training)
         fusable = self.base_dtype not in quant.INT_MODES and not self.use_dora
-        if training and fusable:
+        if training and fusable and keras.backend.backend() == "jax":
             # JAX: base and branch in one product, `[x, x_r, 1] @ [W; B; b]`
             # (training only: its sums round otherwise than a Dense's, and
             # a fresh layer outside training equals its Dense bit for bit)
