@@ -135,8 +135,9 @@ def _one_gemm():
         lhs, rhs = operands(x, kernel, x_r, lora_b, bias)
         return lhs @ rhs
 
+    zero = jax.custom_derivatives.SymbolicZero
+
     def product(a, b):  # None where either side is a symbolic zero
-        zero = jax.custom_derivatives.SymbolicZero
         if isinstance(a, zero) or isinstance(b, zero):
             return None
         return a @ b
@@ -154,7 +155,6 @@ def _one_gemm():
         lhs, rhs = operands(x, kernel, x_r, lora_b, bias)
         out = lhs @ rhs
         t_x_r = total(product(t_lora_x, lora_a), product(lora_x, t_a))
-        zero = jax.custom_derivatives.SymbolicZero
         if bias is None or isinstance(t_bias, zero):
             tail = product(x_r, t_b)
         elif isinstance(t_b, zero):

@@ -178,28 +178,20 @@ class LoRADense(LoRALayer):
 
     def _factorised(self, inputs, training):
         lora_inputs = self._lora_inputs(inputs, training)
-        fusable = self.base_dtype not in quant.INT_MODES and not self.use_dora
-        if training and fusable and keras.backend.backend() == "jax":
-            # JAX: base and branch in one product, `[x, x_r, 1] @ [W; B; b]`
-            # (training only: its sums round otherwise than a Dense's, and
-            # a fresh layer outside training equals its Dense bit for bit)
-            kernel = ops.stop_gradient(self._frozen_for_call())
-            factors = [ops.convert_to_tensor(self.lora_a)]
-            factors.append(ops.convert_to_tensor(self._lora_b()))
-            bias = self.bias
-            bias = bias if bias is None else ops.convert_to_tensor(bias)
-            if fuses_base(inputs, kernel, *factors, bias):
-                return base_and_branch(
-                    inputs, kernel, lora_inputs, *factors, bias, self.scale
-                )
+        lora_b = self._lora_b()
         # (..., in) @ (in, units) -> (..., units); no gradient reaches W.
         if self.base_dtype in quant.INT_MODES:
             outputs = quant_matmul.layer_matmul(self, inputs)
         else:
-            outputs = frozen_matmul(inputs, self._frozen_for_call())
+            kernel = self._frozen_for_call()
+            if training and not self.use_dora:
+                fused = self._one_product(inputs, kernel, lora_inputs, lora_b)
+                if fused is not None:
+                    return fused
+            outputs = frozen_matmul(inputs, kernel)
         if self.use_dora:  # (..., units) * m / ||W + scale * A @ B||_c
             branch = lora_branch(
-                lora_inputs, self.lora_a, self._lora_b(), None, self.scale
+                lora_inputs, self.lora_a, lora_b, None, self.scale
             )
             outputs = dora.rescale(self, ops.add(outputs, branch))
             if self.bias is not None:
@@ -214,10 +206,28 @@ class LoRADense(LoRALayer):
             outputs,
             lora_inputs,
             self.lora_a,
-            self._lora_b(),
+            lora_b,
             self.bias,
             self.scale,
             fresh=self.base_dtype not in quant.INT_MODES,
+        )
+
+    def _one_product(self, inputs, kernel, lora_inputs, lora_b):
+        """JAX, training: base and branch in one product, `[x, x_r, 1] @
+        [W; B; b]` where `branch.fuses_base` admits it, else None (only in
+        training: its sums round otherwise than a Dense's, and a fresh layer
+        outside training equals its Dense bit for bit)."""
+        if keras.backend.backend() != "jax":
+            return None
+        kernel = ops.stop_gradient(kernel)
+        factors = [ops.convert_to_tensor(self.lora_a)]
+        factors.append(ops.convert_to_tensor(lora_b))
+        bias = self.bias
+        bias = bias if bias is None else ops.convert_to_tensor(bias)
+        if not fuses_base(inputs, kernel, *factors, bias):
+            return None
+        return base_and_branch(
+            inputs, kernel, lora_inputs, *factors, bias, self.scale
         )
 
     def compute_output_shape(self, input_shape):
