@@ -32,27 +32,73 @@ def children(layer):
     ]
 
 
-def walk(model, prefix=""):
-    """Yields `(path, layer)` for every layer under `model`, depth first,
-    each layer once (at the first path it is reached by).
+def is_backbone(layer):
+    """Whether `layer` is a keras-hub `Backbone` (imported or not)."""
+    return any(
+        c.__name__ == "Backbone" and c.__module__.startswith("keras_hub")
+        for c in type(layer).__mro__
+    )
 
-    The path joins layer names with "/" from the top model down, e.g.
-    `"transformer_layer_0/self_attention_layer/query"`, the same path its
-    variables carry, so it names a layer by where it sits, never by its
-    position in a list.
-    """
+
+def visit(model):
+    """Yields `(path, layer, parent)` for every layer under `model`, depth
+    first, each layer once (at the first path it is reached by)."""
     seen = set()
 
-    def visit(parent, prefix):
+    def down(parent, prefix):
         for layer in children(parent):
             if id(layer) in seen:
                 continue
             seen.add(id(layer))
             path = f"{prefix}{layer.name}"
-            yield path, layer
-            yield from visit(layer, f"{path}/")
+            yield path, layer, parent
+            # A keras-hub backbone's name is generated (`gpt2_backbone_1`
+            # in the second model of a process): its layers' paths leave
+            # it out, so they are the same in a task model, in a model
+            # built on the backbone, and in the backbone itself.
+            inner = prefix if is_backbone(layer) else f"{path}/"
+            yield from down(layer, inner)
 
-    yield from visit(model, prefix)
+    yield from down(model, "")
+
+
+def positions(model):
+    """`{path: (i, j, ...)}`: where each layer under `model` sits as child
+    indices, level by level. A model rebuilt from the same code has its
+    layers at the same positions whatever names Keras generated."""
+    where = {id(model): ()}
+    out = {}
+    for path, layer, parent in visit(model):
+        index = next(i for i, x in enumerate(children(parent)) if x is layer)
+        where[id(layer)] = where[id(parent)] + (index,)
+        out[path] = where[id(layer)]
+    return out
+
+
+def at(model, position):
+    """The layer at `position` (see `positions`), or None."""
+    layer = model
+    for index in position:
+        found = children(layer)
+        if not 0 <= index < len(found):
+            return None
+        layer = found[index]
+    return layer
+
+
+def walk(model):
+    """Yields `(path, layer)` for every layer under `model`, depth first,
+    each layer once (at the first path it is reached by).
+
+    The path joins layer names with "/" from the top model down, e.g.
+    `"transformer_layer_0/self_attention_layer/query"`, so it names a layer
+    by where it sits, never by its position in a list. A keras-hub
+    backbone's own (generated) name is left out of its layers' paths, so a
+    `GPT2CausalLM`, a model built on a `GPT2Backbone` and the backbone
+    itself give its layers the same paths.
+    """
+    for path, layer, _ in visit(model):
+        yield path, layer
 
 
 def parents(model):
@@ -211,3 +257,28 @@ def name_scope_of(path):
     for part in path.split("/")[:-1]:
         stack.enter_context(keras.name_scope(part))
     return stack
+
+
+def swap_all(model, replacements):
+    """Swaps `{path: (old, new)}` into `model`, all or nothing: every old
+    layer must be found in each of its parents, else the swaps done are
+    undone and `ValueError` names the layer."""
+    holders = parents(model)
+    done = []
+    try:
+        for path, (old, new) in replacements.items():
+            for parent in holders.get(id(old), [model]):
+                if not swap(parent, old, new):
+                    raise ValueError(
+                        f"Cannot swap the layer at '{path}': its parent "
+                        f"'{parent.name}' ({type(parent).__name__}) holds it "
+                        "in a way keras_lora cannot see. Please report this "
+                        "model."
+                    )
+                done.append((parent, old, new))
+    except BaseException:
+        for parent, old, new in reversed(done):
+            swap(parent, new, old)
+        raise
+    finally:
+        retrack(model)

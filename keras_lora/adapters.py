@@ -17,6 +17,7 @@ and a file alone.
 
 import json
 import os
+import re
 import tempfile
 
 import h5py
@@ -40,6 +41,8 @@ CHECKED = (
     "base_fingerprint",
     "base_dtype",
 )
+# A keras-hub backbone's generated name, as older files have it in paths.
+_BACKBONE = re.compile(r"[a-z0-9_]*backbone(_[0-9]+)?")
 # Checks of the base, skipped by `load_adapters(allow_base_mismatch=True)`.
 _BASE_CHECKS = ("base_fingerprint", "base_dtype")
 
@@ -268,7 +271,13 @@ def load_adapters(model, path, name=None, allow_base_mismatch=False):
     if name is not None or _named_files.is_named(model):
         return _named_files.load(model, path, name)
     layers = _tree.lora_layers(model)
-    saved = read_adapters(path)
+    saved = _current_paths(model, read_adapters(path))
+    _assign(layers, saved, path, allow_base_mismatch)
+
+
+def _assign(layers, saved, path, allow_base_mismatch=False):
+    """Checks `saved` against `{path: LoRA layer}`, then writes it, all or
+    nothing."""
     problems = _problems(layers, saved, allow_base_mismatch)
     if problems:
         raise AdapterMismatchError(os.fspath(path), problems)
@@ -287,6 +296,22 @@ def load_adapters(model, path, name=None, allow_base_mismatch=False):
         raise
 
 
+def _current_paths(model, saved):
+    """Reads paths of files written before keras-hub backbone names left
+    layer paths (`gpt2_backbone/transformer_layer_0/...`, whatever the
+    backbone's generated name was) as today's
+    (`transformer_layer_0/...`)."""
+    known = {path for path, _ in _tree.walk(model)}
+    out = {}
+    for path, (record, arrays) in saved.items():
+        head, _, rest = path.partition("/")
+        if path not in known and rest in known and _BACKBONE.fullmatch(head):
+            record = {**record, "path": rest}
+            path = rest
+        out[path] = (record, arrays)
+    return out
+
+
 def _storage_of(records):
     """The one base storage of a file's layers, as `apply_lora` kwargs."""
     storage = {
@@ -298,19 +323,28 @@ def _storage_of(records):
     return {"base_dtype": base_dtype, "double_quant": double_quant}
 
 
-def apply_adapters(model, path):
-    """Returns a LoRA copy of the base `model` with the file's adapters.
+def apply_adapters(model, path, inplace=False):
+    """Returns a LoRA copy of the base `model` with the file's adapters, or
+    with `inplace=True` adapts `model` itself and returns it (see
+    `apply_lora`; on a mismatch nothing changes).
 
     The LoRA settings of each layer (kind, rank, alpha, rsLoRA, init,
     DoRA, dropout, whether the bias trains) come from the file, so a base model
     saved in its own format (a `.keras` file, a keras-hub preset) plus an
     adapter file rebuild the trained model exactly, wherever its LoRA
-    layers sit. `model` is not changed. A file that does not fit `model`
-    raises `AdapterMismatchError` listing every problem.
-    """
-    from keras_lora.workflow import apply_lora
+    layers sit. A file that does not fit `model` raises
+    `AdapterMismatchError` listing every problem, and `model` is not
+    changed, in place or not.
 
-    saved = read_adapters(path)
+    Paths leave out a keras-hub backbone's generated name, so a file saved
+    from a task model (`GPT2CausalLM`) applies to another instance of it,
+    to its backbone, and to a model built on that backbone, and the
+    reverse, for the layers inside the backbone.
+    """
+    from keras_lora.workflow import adapt
+
+    _tree.require_model(model)
+    saved = _current_paths(model, read_adapters(path))
     records = [record for record, _ in saved.values()]
     setting = {
         key: {r["path"]: r[key] for r in records} for key in ("rank", "alpha")
@@ -330,8 +364,10 @@ def apply_adapters(model, path):
         )
     (use_rslora, lora_init, train_bias, use_dora), _ = groups.popitem()
     try:
-        lora = apply_lora(
+        lora = adapt(
             model,
+            # Checked and loaded into the new layers before any swap.
+            lambda layers: _assign(layers, saved, path),
             targets=sorted(setting["rank"]),
             rank=setting["rank"],
             alpha=setting["alpha"],
@@ -340,9 +376,11 @@ def apply_adapters(model, path):
             use_rslora=use_rslora,
             lora_init=lora_init,
             use_dora=use_dora,
+            inplace=inplace,
             **_storage_of(records),
         )
+    except AdapterMismatchError:
+        raise
     except ValueError as error:
         raise AdapterMismatchError(os.fspath(path), [str(error)]) from error
-    load_adapters(lora, path)
     return lora

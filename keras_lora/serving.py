@@ -200,7 +200,7 @@ def build_multi_adapter_model(base, paths, strategy="concat"):
         )
     _refuse_quantized(base, set().union(*map(read_adapters, paths)))
     per_file = [_factors(base, path) for path in paths]  # all checked first
-    from keras_lora.workflow import _swap_all, copy_model
+    from keras_lora.workflow import copy_model
 
     inner = copy_model(base)
     layers = dict(_tree.walk(inner))
@@ -226,7 +226,7 @@ def build_multi_adapter_model(base, paths, strategy="concat"):
             new.build()
         new.set_factors(factors)
         replacements[layer_path] = (old, new)
-    _swap_all(inner, replacements)
+    _tree.swap_all(inner, replacements)
     ids = keras.Input(shape=(), dtype="int32", name=IDS)
     outputs = AdapterRouter(inner, len(paths), name="adapter_router")(
         inputs, ids

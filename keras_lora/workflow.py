@@ -17,7 +17,7 @@ import re
 import keras
 import numpy as np
 
-from keras_lora import _checks, _tree
+from keras_lora import _checks, _freeze, _saved, _tree
 from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.layers.quantized import check_requantize, requantize_base
 
@@ -29,33 +29,46 @@ LINEAR = (keras.layers.Dense, keras.layers.EinsumDense)
 
 def copy_model(model):
     """Returns a copy of `model` rebuilt from its config, its weights copied
-    by value. Raises `ValueError` for a model Keras cannot rebuild."""
+    by value. A keras-hub task model's copy shares its preprocessor (which
+    holds no weights, and whose tokenizer's vocabulary its config does not
+    carry). Raises `ValueError` for a model Keras cannot rebuild."""
     _tree.require_model(model)
     try:
-        clone = keras.saving.deserialize_keras_object(
-            keras.saving.serialize_keras_object(model)
-        )
+        config = keras.saving.serialize_keras_object(model)
+        config.pop("compile_config", None)
+        clone = keras.saving.deserialize_keras_object(config)
         if not clone.built and model.built:
             clone.build_from_config(model.get_build_config())
     except (NotImplementedError, TypeError, ValueError, KeyError) as error:
+        reason = str(error).split("\n")[0].split(". ")[0]
         raise ValueError(
-            f"Expected a model Keras can rebuild from its config (Functional,"
-            f" Sequential, a keras-hub model, or a subclassed model with "
-            f"`get_config`). Received: model='{model.name}' of type "
-            f"{type(model).__name__}, which could not be rebuilt: {error}"
+            f"Cannot copy model '{model.name}' ({type(model).__name__}): "
+            f"Keras cannot rebuild it from its config ({reason}). Pass "
+            "`inplace=True` to change the model itself instead."
         ) from error
     source, target = model.weights, clone.weights
-    shapes = [tuple(v.shape) for v in source]
-    if shapes != [tuple(v.shape) for v in target]:
+    same = [tuple(v.shape) for v in source] == [tuple(v.shape) for v in target]
+    if not same or _structure(model) != _structure(clone):
         raise ValueError(
-            f"Expected a model whose config rebuilds the same weights. "
-            f"Received: model='{model.name}' ({len(source)} weights), whose "
-            f"rebuilt copy has {len(target)}. Build the model first, or use "
-            "a Functional model."
+            f"Cannot copy model '{model.name}' ({type(model).__name__}): its "
+            "config rebuilds other layers or weights (a model that builds "
+            "its layers on first call?). Pass `inplace=True` to change the "
+            "model itself instead."
         )
     for mine, theirs in zip(target, source):
         mine.assign(np.array(keras.ops.convert_to_numpy(theirs)))
+    preprocessor = getattr(model, "preprocessor", None)
+    if isinstance(preprocessor, keras.layers.Layer):
+        _tree.swap_all(
+            clone, {"preprocessor": (clone.preprocessor, preprocessor)}
+        )
     return clone
+
+
+def _structure(model):
+    """Each layer's position and class: names Keras generates may differ."""
+    where = _tree.positions(model)
+    return [(where[p], type(x).__name__) for p, x in _tree.walk(model)]
 
 
 def _matcher(targets):
@@ -161,63 +174,6 @@ def _per_layer(name, value, selected, default, check):
     return lambda path, layer: value.get(path, value.get(layer.name, default))
 
 
-def _swap_all(model, replacements):
-    """Swaps `{path: (old, new)}` into `model`, all or nothing: every old
-    layer must be found in each of its parents, else the swaps done are
-    undone and `ValueError` names the layer."""
-    parents = _tree.parents(model)
-    done = []
-    try:
-        for path, (old, new) in replacements.items():
-            for parent in parents.get(id(old), [model]):
-                if not _tree.swap(parent, old, new):
-                    raise ValueError(
-                        f"Cannot swap the layer at '{path}': its parent "
-                        f"'{parent.name}' ({type(parent).__name__}) holds it "
-                        "in a way keras_lora cannot see. Please report this "
-                        "model."
-                    )
-                done.append((parent, old, new))
-    except BaseException:
-        for parent, old, new in reversed(done):
-            _tree.swap(parent, new, old)
-        raise
-    finally:
-        _tree.retrack(model)
-
-
-def _freeze_own_variables(layer):
-    """Moves `layer`'s own trainable variables to its non-trainable store,
-    in front (so the weight order, and so saving, is unchanged): unlike a
-    `trainable` flag, a later `model.trainable = True` cannot revive them."""
-    moved = list(layer._trainable_variables)
-    if not moved:
-        return
-    stored = layer._tracker.stored_ids
-    for variable in moved:
-        variable.trainable = False
-        stored["trainable_variables"].discard(id(variable))
-        stored["non_trainable_variables"].add(id(variable))
-    del layer._trainable_variables[:]
-    layer._non_trainable_variables[:0] = moved
-
-
-def _freeze_all_but_lora(model, keep):
-    """Freezes every weight outside the LoRA layers and the `keep` paths
-    (and what they hold), for good: leaf layers also get `trainable = False`
-    (so BatchNormalization keeps its moving statistics, as in any
-    fine-tune)."""
-    for path, layer in _tree.walk(model):
-        if isinstance(layer, LoRALayer) or any(
-            path == k or path.startswith(k + "/") for k in keep
-        ):
-            continue
-        _freeze_own_variables(layer)
-        if not _tree.children(layer):
-            layer.trainable = False
-    _freeze_own_variables(model)
-
-
 def _keep_paths(model, keep_trainable):
     if isinstance(keep_trainable, str) or not all(
         isinstance(k, str) for k in keep_trainable
@@ -249,21 +205,38 @@ def apply_lora(
     targets=None,
     train_bias=True,
     keep_trainable=(),
+    inplace=False,
     **lora_kwargs,
 ):
-    """Returns a copy of `model` whose targeted layers are LoRA layers.
+    """Returns a copy of `model` whose targeted layers are LoRA layers, or
+    with `inplace=True` swaps them into `model` itself and returns it.
 
     Layers are found at any depth: top-level layers, layers of nested
     models, and layers nested in custom layers such as `MultiHeadAttention`
     or keras-hub's transformer blocks. The pretrained weights are copied by
     value, so at init the new model predicts exactly what `model` predicts
     and shares no buffer with it. Every weight outside the LoRA factors is
-    frozen, the biases too when `train_bias=False`. `model` is not changed.
-    The copy is not compiled: compile it (not `model`) before `fit`.
+    frozen, the biases too when `train_bias=False`.
+
+    The copy (the default) leaves `model` unchanged and is not compiled:
+    compile it, not `model`, before `fit`. It needs a model Keras can
+    rebuild from its config under the same layer names (Functional,
+    Sequential, keras-hub backbones and task models, whose copy shares the
+    preprocessor). `inplace=True` works for any model, as Keras's
+    `enable_lora` and PEFT's `get_peft_model` do: subclassed models,
+    unregistered custom layers, automatic layer names. A model compiled
+    before an in-place change is no longer compiled: `fit` raises Keras's
+    "You must call `compile()`" until you compile it again (with a fresh
+    optimizer for the new trainable weights), so it never trains the old
+    ones.
+
+    Either way, `model.save(...)` of the result reloads exactly with
+    `keras.saving.load_model` once keras_lora is imported, even for models
+    whose config rebuilds plain layers (see `keras_lora._saved`).
 
     Args:
-        model: A Functional, Sequential or keras-hub model (one Keras can
-            rebuild from its config).
+        model: Any `keras.Model`; for the copy, one Keras can rebuild from
+            its config.
         rank: Positive int, or a dict `{layer name or path: rank}`; targeted
             layers missing from the dict get rank 8.
         alpha: Positive float or None (alpha = rank), or a dict as `rank`.
@@ -278,6 +251,7 @@ def apply_lora(
         train_bias: Whether the LoRA layers' biases train.
         keep_trainable: Names or paths of layers that stay fully trainable
             (PEFT's `modules_to_save`), e.g. a new classifier head.
+        inplace: Whether to change `model` itself (True) or a copy.
         **lora_kwargs: Other LoRA layer arguments, e.g. `use_rslora`.
 
     Example:
@@ -287,6 +261,35 @@ def apply_lora(
     >>> [w.name for w in lora.trainable_weights]
     ['lora_a', 'lora_b', 'bias']
     """
+    return adapt(
+        model,
+        None,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        targets=targets,
+        train_bias=train_bias,
+        keep_trainable=keep_trainable,
+        inplace=inplace,
+        **lora_kwargs,
+    )
+
+
+def adapt(
+    model,
+    before_swap,
+    rank=8,
+    alpha=None,
+    dropout=0.0,
+    targets=None,
+    train_bias=True,
+    keep_trainable=(),
+    inplace=False,
+    **lora_kwargs,
+):
+    """`apply_lora`, calling `before_swap({path: new LoRA layer})` (when
+    not None) after the new layers are made and before anything changes:
+    if it raises, the model is as it was."""
     _checks.unit_interval("dropout", dropout)
     _checks.boolean("train_bias", train_bias)
     _tree.require_model(model)
@@ -296,19 +299,16 @@ def apply_lora(
     alpha_of = _per_layer(
         "alpha", alpha, selected, None, _checks.positive_number
     )
-    clone = copy_model(model)
-    layers = dict(_tree.walk(clone))
-    moved = sorted(set(selected) - set(layers))
-    if moved:
-        raise ValueError(
-            f"Expected a model whose config rebuilds its layers under the "
-            f"same names. Received: model='{model.name}', whose rebuilt copy"
-            f" has no layer at {moved!r} (a custom layer whose `get_config` "
-            "drops its `name`?). Pass `name` through `get_config`."
-        )
+    _checks.boolean("inplace", inplace)
+    clone = model if inplace else copy_model(model)
+    # The copy's layers are found by position: a subclassed model's copy
+    # has other generated names (`dense_2` for `dense`).
+    where = _tree.positions(model)
+    path_at = {pos: p for p, pos in _tree.positions(clone).items()}
+    keep = [path_at[where[k]] for k in keep]
     replacements = {}
     for path, layer in selected.items():
-        old = layers[path]
+        old = _tree.at(clone, where[path])
         with _tree.name_scope_of(path):
             new = lora_class_for(old).from_base(
                 old,
@@ -319,20 +319,27 @@ def apply_lora(
                 **lora_kwargs,
             )
         replacements[path] = (old, new)
-    _swap_all(clone, replacements)
-    _freeze_all_but_lora(clone, keep)
+    if before_swap is not None:
+        before_swap({p: new for p, (_, new) in replacements.items()})
+    _tree.swap_all(clone, replacements)
+    _freeze.freeze_all_but_lora(clone, keep)
+    _saved.mark(clone, keep)
+    _freeze.forget_compilation(clone)
     return clone
 
 
-def merge_lora(model, requantize=None):
-    """Returns a copy of `model` with every LoRA layer merged into its base.
+def merge_lora(model, requantize=None, inplace=False):
+    """Returns a copy of `model` with every LoRA layer merged into its base,
+    or with `inplace=True` merges them into `model` itself and returns it
+    (PEFT's `merge_and_unload`).
 
     Each LoRA layer becomes `layer.to_base()` (a Dense, EinsumDense,
-    Embedding, ReversibleEmbedding or Conv); other layers are copied with
-    their weights and trainable flags. The result contains no LoRA layer and
+    Embedding, ReversibleEmbedding or Conv); other layers keep their
+    weights and trainable flags. The result contains no LoRA layer and
     loads with plain Keras (and keras-hub for its models), without
-    importing keras_lora. `model` is not changed, and nothing is built if
-    any layer's merged weight is not finite.
+    importing keras_lora. Nothing is built or changed if any layer's merged
+    weight is not finite. The copy leaves `model` unchanged; an in-place
+    merge leaves `model` uncompiled, as `apply_lora(inplace=True)` does.
 
     A quantised base is dequantised and merged in float32. With
     `requantize="int8"`, every merged Dense and Embedding is then quantised
@@ -340,17 +347,28 @@ def merge_lora(model, requantize=None):
     attribute holds the relative Frobenius error of its weight that this
     added; other LoRA kinds are refused before anything is built.
     """
+    _checks.boolean("inplace", inplace)
     lora = _tree.lora_layers(model)
     for layer in lora.values():
         check_requantize(layer, requantize)
     merged = {path: (layer, layer.to_base()) for path, layer in lora.items()}
+    if inplace:
+        for _, new in merged.values():
+            if requantize is not None:
+                requantize_base(new, requantize)
+        _tree.swap_all(model, merged)
+        _saved.mark(model)
+        _freeze.forget_compilation(model)
+        return model
     # Swap the merged layers into `model` only while copying it, then put
     # its LoRA layers back, so the copy's config and weights are the base's.
-    _swap_all(model, merged)
+    _tree.swap_all(model, merged)
     try:
         clone = copy_model(model)
     finally:
-        _swap_all(model, {p: (new, old) for p, (old, new) in merged.items()})
+        _tree.swap_all(
+            model, {p: (new, old) for p, (old, new) in merged.items()}
+        )
     if requantize is not None:
         layers = dict(_tree.walk(clone))
         for path in merged:

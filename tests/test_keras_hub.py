@@ -192,11 +192,20 @@ def _var(model, path):
     return next(w for w in model.weights if w.path == path)
 
 
-def test_keras_save_of_nested_lora_fails_loudly(tmp_path):
+def test_keras_save_of_a_lora_backbone_reloads_exactly(tmp_path):
     lora = apply_lora(bert(), rank=2, targets="attention_qv")
+    for layer in _tree.lora_layers(lora).values():  # a trained adapter
+        layer.lora_b.assign(np.full(layer.lora_b.shape, 0.05, "float32"))
+    x = _inputs(lora)
     lora.save(tmp_path / "lora.keras")
-    with pytest.raises(ValueError, match="variables"):
-        keras.models.load_model(tmp_path / "lora.keras")
+    loaded = keras.models.load_model(tmp_path / "lora.keras")
+    assert set(_tree.lora_layers(loaded)) == set(_tree.lora_layers(lora))
+    assert [w.path for w in loaded.trainable_weights] == [
+        w.path for w in lora.trainable_weights
+    ]
+    for mine, theirs in zip(loaded.weights, lora.weights):
+        np.testing.assert_array_equal(mine, theirs)
+    np.testing.assert_array_equal(_out(loaded, x), _out(lora, x))
 
 
 @pytest.mark.parametrize(
