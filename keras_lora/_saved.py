@@ -17,6 +17,7 @@ freezes the rest as `apply_lora` did, and only then lets Keras load the
 weights and the optimizer: the model comes back exactly and trains on.
 """
 
+import inspect
 import types
 
 import keras
@@ -54,6 +55,7 @@ class AdaptedModel:
 
     def get_config(self):
         base = type(self)._keras_lora_base
+        _check_rebuildable(self, base)
         config = {
             "module": base.__module__,
             "class_name": base.__name__,
@@ -79,6 +81,12 @@ class AdaptedModel:
             "keep_trainable": list(self._keras_lora_keep),
         }
 
+    def save(self, *args, **kwargs):
+        # Keras opens the file before it asks for the config: check first,
+        # so a refused save writes nothing.
+        _check_rebuildable(self, type(self)._keras_lora_base)
+        return super().save(*args, **kwargs)
+
     @classmethod
     def from_config(cls, config):
         config = dict(config)
@@ -99,6 +107,31 @@ class AdaptedModel:
             "preset and the adapters (`save_adapters`, then "
             "`apply_adapters(base, path)`), or merge first (`merge_lora`)."
         )
+
+
+def _check_rebuildable(model, base):
+    """Raises at save time, before anything is written, where Keras could
+    not rebuild `base` from its config at load time: `from_config` is
+    Keras's own (`cls(**config)`) and `__init__` does not take the keys."""
+    defaults = {
+        getattr(keras.Model.from_config, "__func__", None),
+        getattr(keras.layers.Layer.from_config, "__func__", None),
+    }
+    if getattr(base.from_config, "__func__", None) not in defaults:
+        return
+    if getattr(base.get_config, "__qualname__", "") in _PLAIN:
+        return  # Functional and Sequential configs rebuild the graph
+    try:
+        inspect.signature(base.__init__).bind(model, **base.get_config(model))
+    except TypeError as error:
+        raise ValueError(
+            f"Cannot save '{model.name}' ({base.__name__}) with its LoRA "
+            f"layers: Keras could not rebuild {base.__name__} from its "
+            f"config when loading ({error}). Let `__init__` take `**kwargs` "
+            "and pass them to `super().__init__`, or save the adapters "
+            "(`save_adapters`) and apply them to a rebuilt base "
+            "(`apply_adapters`)."
+        ) from None
 
 
 _CLASSES = {}

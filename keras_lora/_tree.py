@@ -19,6 +19,22 @@ def require_model(model):
             f"Expected a `keras.Model`. Received: model={model!r} of type "
             f"{type(model).__name__}"
         )
+    backbone = getattr(model, "backbone", None)
+    operations = getattr(model, "_operations", None)
+    if (
+        isinstance(backbone, keras.Model)
+        and operations is not None
+        and not any(op is backbone for op in operations)
+    ):
+        raise ValueError(
+            f"Expected a task model that computes with its `backbone`. "
+            f"Received: model='{model.name}', whose backbone "
+            f"'{backbone.name}' is not in its graph: it was replaced after "
+            f"the task was built (`task.backbone = ...`), so `fit` would "
+            "train the old one. Adapt the task itself "
+            "(`apply_lora(task, ..., inplace=True)`), or build a new task "
+            "on the new backbone."
+        )
 
 
 def children(layer):

@@ -25,6 +25,7 @@ import keras
 import numpy as np
 
 from keras_lora import _named_files, _tree
+from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.layers.base import weight_fingerprint as kernel_fingerprint
 
 FORMAT = "keras_lora.adapters"
@@ -68,8 +69,10 @@ class AdapterMismatchError(ValueError):
         )
 
 
-def _record(path, layer):
+def _record(path, layer, position=None):
+    extra = {} if position is None else {"position": list(position)}
     return {
+        **extra,
         "path": path,
         "kind": type(layer).__name__,
         "rank": layer.rank,
@@ -122,8 +125,10 @@ def save_adapters(model, path, name=None):
     """
     layers = _tree.lora_layers(model)
     path = os.fspath(path)
+    where = _tree.positions(model)
     entries = _named_files.entries(model, name) or [
-        (_record(p, x), _arrays(x, _record(p, x))) for p, x in layers.items()
+        (_record(p, x, where[p]), _arrays(x, _record(p, x)))
+        for p, x in layers.items()
     ]
     records = [record for record, _ in entries]
     folder = os.path.dirname(os.path.abspath(path))
@@ -297,19 +302,35 @@ def _assign(layers, saved, path, allow_base_mismatch=False):
 
 
 def _current_paths(model, saved):
-    """Reads paths of files written before keras-hub backbone names left
-    layer paths (`gpt2_backbone/transformer_layer_0/...`, whatever the
-    backbone's generated name was) as today's
-    (`transformer_layer_0/...`)."""
-    known = {path for path, _ in _tree.walk(model)}
+    """Maps each saved layer to its path in `model` where names differ:
+    names Keras generated (`dense_3` in another instance), or a keras-hub
+    backbone's name in files written before it left paths
+    (`gpt2_backbone/transformer_layer_0/...`). A saved layer whose path is
+    unknown is found at its recorded position, if a layer of its kind
+    sits there."""
+    known = dict(_tree.walk(model))
+    path_at = {pos: p for p, pos in _tree.positions(model).items()}
     out = {}
     for path, (record, arrays) in saved.items():
         head, _, rest = path.partition("/")
+        found = path
         if path not in known and rest in known and _BACKBONE.fullmatch(head):
-            record = {**record, "path": rest}
-            path = rest
-        out[path] = (record, arrays)
+            found = rest
+        elif path not in known and "position" in record:
+            candidate = path_at.get(tuple(record["position"]))
+            if candidate and _kind(known[candidate]) == record["kind"]:
+                found = candidate
+        if found != path:
+            record = {**record, "path": found}
+        out[found] = (record, arrays)
     return out
+
+
+def _kind(layer):
+    if isinstance(layer, LoRALayer):
+        return type(layer).__name__
+    cls = lora_class_for(layer)
+    return cls.__name__ if cls else None
 
 
 def _storage_of(records):

@@ -66,9 +66,21 @@ def copy_model(model):
 
 
 def _structure(model):
-    """Each layer's position and class: names Keras generates may differ."""
+    """Each layer's position and class (names Keras generates may differ),
+    a task's preprocessor left out: it builds its layers on first call,
+    and the copy shares the source's."""
     where = _tree.positions(model)
-    return [(where[p], type(x).__name__) for p, x in _tree.walk(model)]
+    pre = getattr(model, "preprocessor", None)
+    skip = (
+        {id(x) for x in ([pre] + [x for _, x in _tree.walk(pre)])}
+        if (isinstance(pre, keras.layers.Layer))
+        else set()
+    )
+    return [
+        (where[p], type(x).__name__)
+        for p, x in _tree.walk(model)
+        if id(x) not in skip
+    ]
 
 
 def _matcher(targets):
