@@ -4,6 +4,8 @@ active, the checks on names, and filling the layers' slots (the API is
 
 import re
 
+import keras
+
 from keras_lora import _adapter_slots as slots
 from keras_lora import _tree
 
@@ -187,11 +189,33 @@ def reset_compiled(model, grown=False):
             setattr(model, attr, None)
     optimizer = getattr(model, "optimizer", None)
     if grown and getattr(optimizer, "built", False):
-        model.train_function = _refuse_fit
+        model.train_function = _fit_refusal(model)
     _tree.retrack(model)
 
 
-def _refuse_fit(*args, **kwargs):
+def _fit_refusal(model):
+    """A `train_function` that raises. On JAX, `fit` calls it with the
+    model's state, whose variables it has just emptied: they get their
+    values back first, so the model stays usable."""
+
+    def refuse_fit(state=None, *args, **kwargs):
+        if keras.backend.backend() == "jax" and isinstance(state, tuple):
+            groups = (
+                model.trainable_variables,
+                model.non_trainable_variables,
+                model.optimizer.variables,
+                model.metrics_variables,
+            )
+            for variables, values in zip(groups, state):
+                for variable, value in zip(variables, values):
+                    variable.assign(value)
+        _refuse_fit()
+
+    refuse_fit._lora_refusal = True
+    return refuse_fit
+
+
+def _refuse_fit():
     raise ValueError(
         "Expected `model.compile(...)` after a LoRA slot grew: "
         "`add_adapter`, `load_adapters(..., name=...)`, `combine_adapters` "
@@ -201,6 +225,3 @@ def _refuse_fit(*args, **kwargs):
         "(or `train_on_batch`) with that optimizer. Call `model.compile` "
         "again (a fresh optimizer) first."
     )
-
-
-_refuse_fit._lora_refusal = True
