@@ -116,11 +116,13 @@ def test_predict_inside_and_after_the_block():
     model = _trained(base, rank=2)
     model.compile("sgd", "mse")
     trained = model.predict(X, verbose=0)
+    before = _values(model)
     with disable_adapters(model):
         np.testing.assert_allclose(
             model.predict(X, verbose=0), _np(base(X)), rtol=1e-6, atol=1e-6
         )
         model.evaluate(X, np.zeros((6, 4)), verbose=0)
+        _assert_values(before, model)
     np.testing.assert_array_equal(model.predict(X, verbose=0), trained)
 
 
