@@ -4,7 +4,8 @@ A model from `apply_lora` holds one adapter, named `"default"`. After
 `add_adapter` (or `load_adapters(..., name=...)`) its LoRA layers hold
 several, each with its own rank, alpha, targets, factors and (when the
 layer trains its bias) bias; `set_adapter` chooses which one (or which sum)
-the model computes with, `disable_adapters` gives the base alone.
+the model computes with, `disable_adapters` gives the base alone (a flag
+the layers read: no variable is written).
 
 - Switching only assigns values (see `_adapter_slots.py`): no layer is
   rebuilt, and a traced `predict` / `fit` function is reused untraced.
@@ -13,12 +14,13 @@ the model computes with, `disable_adapters` gives the base alone.
 - Structural calls (`add_adapter`, a named `load_adapters`,
   `combine_adapters`, and a `set_adapter` whose sum needs a wider slot than
   any before) add variables and drop the model's traced functions; compile
-  again before `fit` if the slot grew (the optimizer holds the old slot).
+  again before `fit` if the slot grew (the optimizer holds the old slot;
+  `fit` raises `ValueError` until then).
 - Optimizer state belongs to the slot, not to an adapter: Adam's moments
   from training one adapter carry over to the next one trained in the slot.
   Compile again (a fresh optimizer) per task, as PEFT users create one.
-- The base's bias is the one `apply_lora` started from (for a LoRA model
-  built otherwise, e.g. loaded from a `.keras` file, the bias at the first
+- The base's bias is the one `apply_lora` started from (a `.keras` file
+  saves it; for a LoRA model built otherwise, the bias at the first
   `add_adapter`). A layer no active adapter reaches computes with it; a
   `fit` there moves it only until the next switch.
 - Deleting an active adapter is refused: switch away first.
