@@ -27,6 +27,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lora.layers import base_bias
+
 
 class Stored:
     """One named adapter of one layer: its settings and its variables."""
@@ -71,12 +73,10 @@ def trains_bias(layer):
 
 
 def base_bias_of(layer):
-    """The base's bias as an array: the one `from_base` copied, or the
-    layer's bias now."""
-    known = layer.__dict__.get("_base_bias")
-    if known is not None and known.shape == tuple(layer.bias.shape):
-        return known
-    return _numpy(layer.bias)
+    """The base's bias as an array: the one `from_base` copied (or a
+    `.keras` file recorded), else the layer's bias now."""
+    known = base_bias.known(layer)
+    return _numpy(layer.bias) if known is None else known
 
 
 def _numpy(value):
@@ -118,10 +118,11 @@ def enter(layer, name):
     current factors (and bias) become the adapter `name`, which is active.
     The base's bias is the one `from_base` copied (`apply_lora`), else, for
     a layer built otherwise, the layer's bias now."""
-    base_bias = None
+    bias = None
     if trains_bias(layer):
-        base_bias = _weight(layer, "base_bias", base_bias_of(layer))
-    slots = Slots(base_bias)
+        base_bias.record(layer, base_bias_of(layer))  # disable_adapters
+        bias = _weight(layer, "base_bias", base_bias_of(layer))
+    slots = Slots(bias)
     scales = np.full((layer.rank,), layer.scale, "float32")
     stored = Stored(
         layer.rank,
@@ -131,7 +132,7 @@ def enter(layer, name):
         _weight(layer, f"adapter_{name}_a", _numpy(layer.lora_a)),
         _weight(layer, f"adapter_{name}_b", _numpy(layer.lora_b)),
         None
-        if base_bias is None
+        if bias is None
         else _weight(layer, f"adapter_{name}_bias", _numpy(layer.bias)),
     )
     slots.adapters[name] = stored

@@ -24,7 +24,7 @@ def entries(model, name):
     if name is None and not is_named(model):
         return None
     if name is None:
-        active = named_adapters.active_adapters(model)
+        active = named_adapters.current_adapters(model)
         if len(active) != 1:
             raise ValueError(
                 "Expected one active adapter to save, or `name=`. Received: "

@@ -4,6 +4,8 @@ active, the checks on names, and filling the layers' slots (the API is
 
 import re
 
+import keras
+
 from keras_lora import _adapter_slots as slots
 from keras_lora import _tree
 
@@ -33,10 +35,18 @@ def list_adapters(model):
 def active_adapters(model):
     """The names of the adapters `model` computes with (their sum); `[]`
     inside `disable_adapters`."""
+    if model.__dict__.get("_lora_disabled"):
+        layers_of(model)  # the same checks as outside the block
+        return []
+    return current_adapters(model)
+
+
+def current_adapters(model):
+    """The names of the active adapters, inside `disable_adapters` too
+    (those the model computes with after the block)."""
     layers = layers_of(model)
     if not is_named(layers):
-        disabled = model.__dict__.get("_lora_disabled") is not None
-        return [] if disabled else [DEFAULT]
+        return [DEFAULT]
     return list(model.__dict__["_lora_active"])
 
 
@@ -97,18 +107,21 @@ def names_arg(names):
     return tuple(names)
 
 
-def refuse_unsupported(layers):
-    """Refuses DoRA layers (one magnitude per layer) and PiSSA layers
-    (whose frozen weight is a residual, not the base), naming them."""
-    dora = [p for p, x in layers.items() if getattr(x, "use_dora", False)]
+def refuse_unsupported(
+    layers, called="Named adapters do not support", dora=True
+):
+    """Refuses PiSSA layers (whose frozen weight is a residual, not the
+    base) and, with `dora`, DoRA layers (one magnitude per layer), naming
+    them and what was `called`."""
     pissa = [p for p, x in layers.items() if x.lora_init == "pissa"]
+    uses_dora = [p for p, x in layers.items() if getattr(x, "use_dora", 0)]
     for paths, why in (
-        (dora, "DoRA layers (one magnitude per layer)"),
+        (uses_dora if dora else [], "DoRA layers (one magnitude per layer)"),
         (pissa, "PiSSA layers (their frozen weight is not the base's)"),
     ):
         if paths:
             raise ValueError(
-                f"Named adapters do not support {why}. Received: a model "
+                f"{called} {why}. Received: a model "
                 f"with such layers at {paths}."
             )
 
@@ -146,7 +159,7 @@ def fill_model(model, names):
             grown = True
         slots.fill(layer, names)
     if grown:
-        reset_compiled(model)
+        reset_compiled(model, grown=True)
 
 
 def refill(model, ranks):
@@ -154,19 +167,61 @@ def refill(model, ranks):
     rank}` to at least that rank, refills the active adapters and drops
     the model's traced functions. Call `sync` before the change."""
     layers = layers_of(model)
+    grown = False
     for path, rank in ranks.items():
         if rank > layers[path].rank:
             slots.grow(layers[path], rank)
-    active = active_adapters(model)
+            grown = True
+    active = current_adapters(model)
     for layer in layers.values():
         slots.fill(layer, active)
-    reset_compiled(model)
+    reset_compiled(model, grown=grown)
 
 
-def reset_compiled(model):
+def reset_compiled(model, grown=False):
     """Drops a model's traced train/test/predict functions (the next call
-    traces anew), and rebuilds torch's parameter lists."""
+    traces anew), and rebuilds torch's parameter lists. With `grown` (a
+    slot has new variables) and an optimizer already built on the old
+    ones, `fit` is refused until the next `compile`."""
     for attr in ("train_function", "test_function", "predict_function"):
-        if getattr(model, attr, None) is not None:
+        function = getattr(model, attr, None)
+        if function is not None and not getattr(function, "_lora_refusal", 0):
             setattr(model, attr, None)
+    optimizer = getattr(model, "optimizer", None)
+    if grown and getattr(optimizer, "built", False):
+        model.train_function = _fit_refusal(model)
     _tree.retrack(model)
+
+
+def _fit_refusal(model):
+    """A `train_function` that raises. On JAX, `fit` calls it with the
+    model's state, whose variables it has just emptied: they get their
+    values back first, so the model stays usable."""
+
+    def refuse_fit(state=None, *args, **kwargs):
+        if keras.backend.backend() == "jax" and isinstance(state, tuple):
+            groups = (
+                model.trainable_variables,
+                model.non_trainable_variables,
+                model.optimizer.variables,
+                model.metrics_variables,
+            )
+            for variables, values in zip(groups, state):
+                for variable, value in zip(variables, values):
+                    variable.assign(value)
+        _refuse_fit()
+
+    refuse_fit._lora_refusal = True
+    return refuse_fit
+
+
+def _refuse_fit():
+    raise ValueError(
+        "Expected `model.compile(...)` after a LoRA slot grew: "
+        "`add_adapter`, `load_adapters(..., name=...)`, `combine_adapters` "
+        "or `set_adapter` gave some layers a larger rank, so their "
+        "`lora_a` / `lora_b` are new variables and the optimizer built by "
+        "the last `compile` still holds the old ones. Received: a `fit` "
+        "(or `train_on_batch`) with that optimizer. Call `model.compile` "
+        "again (a fresh optimizer) first."
+    )

@@ -4,7 +4,8 @@ A model from `apply_lora` holds one adapter, named `"default"`. After
 `add_adapter` (or `load_adapters(..., name=...)`) its LoRA layers hold
 several, each with its own rank, alpha, targets, factors and (when the
 layer trains its bias) bias; `set_adapter` chooses which one (or which sum)
-the model computes with, `disable_adapters` gives the base alone.
+the model computes with, `disable_adapters` gives the base alone (a flag
+the layers read: no variable is written).
 
 - Switching only assigns values (see `_adapter_slots.py`): no layer is
   rebuilt, and a traced `predict` / `fit` function is reused untraced.
@@ -13,12 +14,13 @@ the model computes with, `disable_adapters` gives the base alone.
 - Structural calls (`add_adapter`, a named `load_adapters`,
   `combine_adapters`, and a `set_adapter` whose sum needs a wider slot than
   any before) add variables and drop the model's traced functions; compile
-  again before `fit` if the slot grew (the optimizer holds the old slot).
+  again before `fit` if the slot grew (the optimizer holds the old slot;
+  `fit` raises `ValueError` until then).
 - Optimizer state belongs to the slot, not to an adapter: Adam's moments
   from training one adapter carry over to the next one trained in the slot.
   Compile again (a fresh optimizer) per task, as PEFT users create one.
-- The base's bias is the one `apply_lora` started from (for a LoRA model
-  built otherwise, e.g. loaded from a `.keras` file, the bias at the first
+- The base's bias is the one `apply_lora` started from (a `.keras` file
+  saves it; for a LoRA model built otherwise, the bias at the first
   `add_adapter`). A layer no active adapter reaches computes with it; a
   `fit` there moves it only until the next switch.
 - Deleting an active adapter is refused: switch away first.
@@ -35,15 +37,14 @@ import contextlib
 import statistics
 import time
 
-import numpy as np
-
 from keras_lora import _adapter_slots as slots
-from keras_lora import _checks
+from keras_lora import _checks, _disable
 from keras_lora._named_state import (
     active_adapters,
     check_known,
     check_name,
     check_new,
+    current_adapters,
     ensure_named,
     fill_model,
     is_named,
@@ -55,6 +56,7 @@ from keras_lora._named_state import (
     reset_compiled,
     sync,
 )
+from keras_lora.layers import base_bias
 
 __all__ = [
     "active_adapters",
@@ -153,11 +155,6 @@ def set_adapter(model, name):
     names = names_arg(name)
     layers = layers_of(model)
     check_known(model, names)
-    if model.__dict__.get("_lora_disabled") is not None:
-        raise ValueError(
-            "Expected no `set_adapter` inside `disable_adapters`; leave the "
-            f"`with` block first. Received: name={name!r}"
-        )
     if not is_named(layers):
         return  # only "default", already active
     fill_model(model, names)
@@ -173,8 +170,7 @@ def delete_adapter(model, name):
     check_name(name)
     layers = layers_of(model)
     check_known(model, [name])
-    previous = model.__dict__.get("_lora_disabled")
-    active = active_adapters(model) + list(previous or ())
+    active = current_adapters(model)
     if name in active:
         raise ValueError(
             f"Cannot delete the active adapter {name!r} (active: "
@@ -188,9 +184,33 @@ def delete_adapter(model, name):
 
 @contextlib.contextmanager
 def disable_adapters(model):
-    """Within the block, `model` computes with its base alone (every LoRA
-    update off, each bias the base's). On exit, even on an exception, the
-    previous adapters are back, as they were. Values only.
+    """Within the block, `model` computes what its base computes: every
+    LoRA layer skips its branch (DoRA's rescaling too) and adds the base's
+    bias, and each layer kept trainable (`apply_lora(keep_trainable=...)`)
+    computes with the weights it had when `apply_lora` made it trainable.
+
+    No variable is written, on entry, inside or on exit: the layers read a
+    flag (`_disable.py`). So every call inside the block (`save_adapters`,
+    `save_peft_adapters`, `add_adapter`, `combine_adapters`, `set_adapter`,
+    `fit`...) sees the trained adapters and trained kept layers, and
+    nothing is lost on an exception. `active_adapters` is `[]` inside;
+    a `set_adapter` there takes effect after the block.
+
+    The flag is read when a function is traced: the model's traced
+    `predict` / `fit` / `evaluate` functions are set aside on entry (the
+    first call in the block traces once) and put back on exit (unless the
+    model was compiled again or gained or lost variables meanwhile). A
+    function you traced yourself (`tf.function`, `jax.jit`) keeps what it
+    traced.
+
+    Raises `ValueError`, naming the layers, for PiSSA layers (their
+    frozen weight is a residual, not the base), for a LoRA layer whose
+    bias trains and whose base bias is unknown (built without `from_base`
+    / `apply_lora`, or loaded from a file saved by an older keras_lora),
+    and inside another `disable_adapters` block. A kept layer's base
+    weights live in memory only: a model loaded from a `.keras` file does
+    not know which layers were kept, and computes with their trained
+    weights inside the block.
 
     Example:
 
@@ -198,37 +218,36 @@ def disable_adapters(model):
     ...     base_outputs = model.predict(x)
     """
     layers = layers_of(model)
-    if model.__dict__.get("_lora_disabled") is not None:
-        raise ValueError("Adapters are already disabled on this model.")
-    refuse_unsupported(layers)
-    if not is_named(layers):
-        # One adapter: zero `lora_b`, the base's bias, then put them back.
-        saved = [(x.lora_b, slots._numpy(x.lora_b)) for x in layers.values()]
-        base = [x for x in layers.values() if slots.trains_bias(x)]
-        saved += [(x.bias, slots._numpy(x.bias)) for x in base]
-        model.__dict__["_lora_disabled"] = ()
-        try:
-            for variable, value in saved:
-                variable.assign(np.zeros_like(value))
-            for layer in base:
-                layer.bias.assign(slots.base_bias_of(layer))
-            yield model
-        finally:
-            for variable, value in saved:
-                variable.assign(value)
-            model.__dict__["_lora_disabled"] = None
-        return
-    previous = tuple(active_adapters(model))
-    fill_model(model, ())
-    model.__dict__["_lora_active"] = ()
-    model.__dict__["_lora_disabled"] = previous
+    if model.__dict__.get("_lora_disabled"):
+        raise ValueError(
+            "Expected a model whose adapters are enabled. Received: "
+            f"model='{model.name}' inside a `disable_adapters` block "
+            "already; leave it before disabling again."
+        )
+    refuse_unsupported(
+        layers, "`disable_adapters` does not support", dora=False
+    )
+    unknown = [
+        p
+        for p, x in layers.items()
+        if base_bias.trains_bias(x) and base_bias.known(x) is None
+    ]
+    if unknown:
+        raise ValueError(
+            "`disable_adapters` needs the base's bias of each LoRA layer "
+            "whose bias trains. Received: a model whose layers at "
+            f"{unknown} do not know it (built without `apply_lora` / "
+            "`from_base`, or loaded from a file an older keras_lora "
+            "saved). Build them with `apply_lora`, or with train_bias=False."
+        )
+    state = _disable.Disabled(model, layers.values())
+    model.__dict__["_lora_disabled"] = True
     try:
+        state.enter()
         yield model
     finally:
+        state.exit()
         model.__dict__["_lora_disabled"] = None
-        for layer in layers.values():
-            slots.fill(layer, previous)
-        model.__dict__["_lora_active"] = previous
 
 
 def time_switch(model, names=None, repeats=100):
@@ -239,7 +258,7 @@ def time_switch(model, names=None, repeats=100):
     names = list(names or list_adapters(model))
     check_known(model, names, "names")
     _checks.positive_int("repeats", repeats)
-    start = active_adapters(model)
+    start = current_adapters(model)
     times = []
     for i in range(repeats):
         target = names[i % len(names)]

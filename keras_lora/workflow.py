@@ -17,7 +17,7 @@ import re
 import keras
 import numpy as np
 
-from keras_lora import _checks, _freeze, _saved, _tree
+from keras_lora import _checks, _disable, _freeze, _saved, _tree
 from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.layers.quantized import check_requantize, requantize_base
 
@@ -262,7 +262,9 @@ def apply_lora(
             `layer -> bool`.
         train_bias: Whether the LoRA layers' biases train.
         keep_trainable: Names or paths of layers that stay fully trainable
-            (PEFT's `modules_to_save`), e.g. a new classifier head.
+            (PEFT's `modules_to_save`), e.g. a new classifier head. Their
+            weights as they are now are kept aside (in memory), and
+            `disable_adapters` computes with them.
         inplace: Whether to change `model` itself (True) or a copy.
         **lora_kwargs: Other LoRA layer arguments, e.g. `use_rslora`.
 
@@ -335,6 +337,7 @@ def adapt(
         before_swap({p: new for p, (_, new) in replacements.items()})
     _tree.swap_all(clone, replacements)
     _freeze.freeze_all_but_lora(clone, keep)
+    _disable.snapshot_kept(clone, keep)  # their base, for disable_adapters
     _saved.mark(clone, keep)
     _freeze.forget_compilation(clone)
     return clone

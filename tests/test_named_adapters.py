@@ -269,9 +269,14 @@ def test_switching_does_not_retrace(two):
         set_adapter(model, name)
         got = model.predict(X, verbose=0)
         model.fit(X, np.ones((6, 4)), epochs=1, verbose=0, batch_size=6)
-    with disable_adapters(model):
-        model.predict(X, verbose=0)
     assert len(traces) == traced
+    with disable_adapters(model):  # a Python flag: traced in once
+        model.predict(X, verbose=0)
+    assert len(traces) == traced + 1
+    model.predict(X, verbose=0)  # the functions traced before are back
+    model.fit(X, np.ones((6, 4)), epochs=1, verbose=0, batch_size=6)
+    set_adapter(model, "b")
+    assert len(traces) == traced + 1
     assert [id(v) for v in model.weights] == variables  # nothing rebuilt
     np.testing.assert_allclose(got, _predict(b), rtol=1e-5)
 

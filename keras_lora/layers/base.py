@@ -35,7 +35,7 @@ import numpy as np
 from keras import ops
 
 from keras_lora import _checks
-from keras_lora.layers import dora
+from keras_lora.layers import base_bias, dora
 from keras_lora.layers.conversion import LORA_KEYS, BaseConversion  # noqa: F401
 from keras_lora.layers.quantized import QuantizedBase
 from keras_lora.layers.remat import RematWithTraining
@@ -158,6 +158,8 @@ class LoRALayer(
         self.seed_generator = (
             keras.random.SeedGenerator() if self.dropout > 0 else None
         )
+        # Set by `disable_adapters`: the call computes the base alone.
+        self._adapters_off = False
 
     @property
     def scale(self):
@@ -253,6 +255,20 @@ class LoRALayer(
                 self.bias_constraint
             ),
         }
+
+    def _bias_for_call(self):
+        """The bias the call adds: inside `disable_adapters`, the base's
+        (`base_bias.py`)."""
+        if self._adapters_off:
+            return base_bias.for_call(self)
+        return self.bias
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        base_bias.save(self, store)
+
+    def load_own_variables(self, store):
+        super().load_own_variables(base_bias.load(self, store))
 
     def _lora_inputs(self, inputs, training):
         if training and self.seed_generator is not None:

@@ -155,6 +155,8 @@ class LoRAConv(LoRALayer):
         kernel = ops.stop_gradient(self._frozen_for_call())
         # conv((b, *s, in), (*k, in, filters)) -> (b, *s', filters)
         outputs = self._conv(inputs, kernel, padding)
+        if self._adapters_off:  # `disable_adapters`: the base alone
+            return self._finish(outputs, self._bias_for_call())
         lora_inputs = self._lora_inputs(inputs, training)
         # conv((b, *s, in), (*k, in, r)) -> (b, *s', r)
         hidden = self._conv(lora_inputs, self.lora_a, padding)
@@ -169,14 +171,18 @@ class LoRAConv(LoRALayer):
             )
             update = self._conv(hidden, one_by_one, "valid", unit=True)
         outputs = ops.add(outputs, ops.multiply(update, self.scale))
-        if self.data_format == "channels_last":
-            bias_shape = (self.filters,)
-        else:
-            bias_shape = (self.filters,) + (1,) * self.spatial_rank
         if self.use_dora:  # (b, ..filters..) * m / ||W + scale * A @ B||_c
-            outputs = dora.rescale(self, outputs, shape=bias_shape)
-        if self.bias is not None:
-            outputs = ops.add(outputs, ops.reshape(self.bias, bias_shape))
+            outputs = dora.rescale(self, outputs, shape=self._bias_shape())
+        return self._finish(outputs, self.bias)
+
+    def _bias_shape(self):
+        if self.data_format == "channels_last":
+            return (self.filters,)
+        return (self.filters,) + (1,) * self.spatial_rank
+
+    def _finish(self, outputs, bias):
+        if bias is not None:
+            outputs = ops.add(outputs, ops.reshape(bias, self._bias_shape()))
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs

@@ -9,7 +9,7 @@ the base layer is lost either way, and no buffer is shared.
 import numpy as np
 from keras import ops
 
-from keras_lora.layers import dora
+from keras_lora.layers import base_bias, dora
 from keras_lora.layers.quantized import check_requantize, requantize_base
 
 LORA_KEYS = (
@@ -96,11 +96,9 @@ class BaseConversion:
                 by_name[variable.name].assign(
                     np.array(ops.convert_to_numpy(variable))
                 )
-        # The base's own bias, for named adapters (`_adapter_slots.py`).
+        # The base's own bias, for `disable_adapters` and named adapters.
         bias = by_name.get("bias")
-        new.__dict__["_base_bias"] = (
-            None if bias is None else np.array(ops.convert_to_numpy(bias))
-        )
+        base_bias.record(new, bias)
         if new.use_dora:  # m from the copied kernel, before a split uses it
             dora.reset_magnitude(new)
         if new.lora_init == "pissa":

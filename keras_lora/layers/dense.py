@@ -147,13 +147,16 @@ class LoRADense(LoRALayer):
     def call(self, inputs, training=None):
         if not keras.backend.is_float_dtype(inputs.dtype):
             inputs = ops.cast(inputs, self.compute_dtype)
-        outputs = inference_merge.choose(
-            self,
-            inputs,
-            training,
-            lambda: self._merged_call(inputs),
-            lambda: self._unmerged_call(inputs, training),
-        )
+        if self._adapters_off:  # `disable_adapters`: the base alone
+            outputs = self._unmerged_call(inputs, training)
+        else:
+            outputs = inference_merge.choose(
+                self,
+                inputs,
+                training,
+                lambda: self._merged_call(inputs),
+                lambda: self._unmerged_call(inputs, training),
+            )
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
@@ -184,11 +187,14 @@ class LoRADense(LoRALayer):
             outputs = quant_matmul.layer_matmul(self, inputs)
         else:
             kernel = self._frozen_for_call()
-            if training and not self.use_dora:
+            if training and not (self.use_dora or self._adapters_off):
                 fused = self._one_product(inputs, kernel, lora_inputs, lora_b)
                 if fused is not None:
                     return fused
             outputs = frozen_matmul(inputs, kernel)
+        if self._adapters_off:  # no branch, no DoRA, the base's bias
+            bias = self._bias_for_call()
+            return outputs if bias is None else ops.add(outputs, bias)
         if self.use_dora:  # (..., units) * m / ||W + scale * A @ B||_c
             branch = lora_branch(
                 lora_inputs, self.lora_a, lora_b, None, self.scale

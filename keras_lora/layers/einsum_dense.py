@@ -243,17 +243,25 @@ class LoRAEinsumDense(LoRALayer):
     def call(self, inputs, training=None):
         if not keras.backend.is_float_dtype(inputs.dtype):
             inputs = ops.cast(inputs, self.compute_dtype)
-        outputs = inference_merge.choose(
-            self,
-            inputs,
-            training,
-            lambda: ops.einsum(self.equation, inputs, self._merged_for_call()),
-            lambda: self._factorised(inputs, training),
-        )
-        if self.use_dora:  # (*output) * m / ||W + scale * A . B||_c
+        if self._adapters_off:  # `disable_adapters`: the base alone
+            kernel = ops.stop_gradient(self._frozen_for_call())
+            outputs = ops.einsum(self.equation, inputs, kernel)
+        else:
+            outputs = inference_merge.choose(
+                self,
+                inputs,
+                training,
+                lambda: ops.einsum(
+                    self.equation, inputs, self._merged_for_call()
+                ),
+                lambda: self._factorised(inputs, training),
+            )
+        if self.use_dora and not self._adapters_off:
+            # (*output) * m / ||W + scale * A . B||_c
             outputs = dora.rescale(self, outputs, *self._dora_layout(outputs))
-        if self.bias is not None:
-            outputs = ops.add(outputs, self.bias)
+        bias = self._bias_for_call()
+        if bias is not None:
+            outputs = ops.add(outputs, bias)
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs

@@ -158,6 +158,8 @@ class LoRAEmbedding(LoRALayer):
             inputs = ops.cast(inputs, "int32")
         # take((in, out), (...)) -> (..., out)
         outputs = self._frozen_rows(inputs)
+        if self._adapters_off:  # `disable_adapters`: the base alone
+            return ops.cast(outputs, self.compute_dtype)
         # take((in, r), (...)) -> (..., r)
         rows = ops.take(self.lora_a, inputs, axis=0)
         # (..., r) @ (r, out) -> (..., out)

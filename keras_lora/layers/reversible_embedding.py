@@ -124,6 +124,7 @@ class LoRAReversibleEmbedding(LoRAEmbedding):
             # x @ (E + s A B)^T = x @ E^T + s (x @ B^T) @ A^T:
             # (..., out) @ (out, in) -> (..., in)
             logits = ops.matmul(inputs, ops.transpose(table))
+        if self.tie_weights and not self._adapters_off:
             # (..., out) @ (out, r) -> (..., r)
             hidden = ops.matmul(lora_inputs, ops.transpose(b))
             # (..., r) @ (r, in) -> (..., in)
