@@ -2,12 +2,14 @@
 
 `apply_lora` follows PEFT's `get_peft_model` (target selection, per-layer
 rank, "all-linear" by default); `merge_lora` follows PEFT's
-`merge_and_unload`. Both return new models and leave their input untouched.
+`merge_and_unload`. By default both return new models and leave their input
+untouched; with `inplace=True` they change the model itself, whatever its
+class, and return it.
 
-Both work on a copy of the model, rebuilt from its config with its weights
-copied by value (so the copy shares no buffer with its source, which JAX's
-donated train-step buffers would otherwise destroy), and then swap layers in
-place wherever they sit: top-level layers of Functional and Sequential
+The copy is rebuilt from the model's config with its weights copied by
+value (so it shares no buffer with its source, which JAX's donated
+train-step buffers would otherwise destroy). Either way the LoRA layers are
+swapped in wherever the layers sit: top-level layers of Functional and Sequential
 models, layers of nested models, and layers nested in custom layers
 (`MultiHeadAttention`, keras-hub's `TransformerEncoder`, your own blocks).
 """
