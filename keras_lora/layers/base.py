@@ -74,7 +74,8 @@ class LoRALayer(
         train_bias: Boolean, whether the bias (if any) trains.
         use_rslora: Boolean; `scale = alpha / sqrt(rank)` instead of
             `alpha / rank`.
-        lora_init: `"default"`, `"gaussian"` (`lora_a ~ N(0, 1/rank)`,
+        lora_init: `"default"`, `"gaussian"` (`lora_a` normal with standard
+            deviation `1/rank`, PEFT's `init_lora_weights="gaussian"`;
             `lora_b = 0`) or `"pissa"` (the factors take the top-`rank`
             singular part of the frozen weight, which keeps the residual;
             applied by `from_base` or `pissa_split()`, never on a reload).
@@ -131,7 +132,8 @@ class LoRALayer(
         if lora_init == "gaussian" and lora_a_initializer is not None:
             raise ValueError(
                 "Expected `lora_a_initializer` to be unset with "
-                "lora_init='gaussian', which draws lora_a ~ N(0, 1/rank). "
+                "lora_init='gaussian', which draws lora_a with standard "
+                "deviation 1/rank. "
                 f"Received: lora_a_initializer={lora_a_initializer!r}; use "
                 "lora_init='default' to keep your initializer."
             )
@@ -176,9 +178,8 @@ class LoRALayer(
         fan_in, fan_out = math.prod(a_shape), math.prod(b_shape)
         self._warn_if_rank_too_large(fan_in, fan_out)
         if self.lora_init == "gaussian":
-            a_init = keras.initializers.RandomNormal(
-                stddev=1.0 / math.sqrt(self.rank)
-            )
+            # PEFT's init_lora_weights="gaussian": std 1/r, not 1/sqrt(r).
+            a_init = keras.initializers.RandomNormal(stddev=1.0 / self.rank)
             b_init = "zeros"
         else:
             a_init = self.lora_a_initializer or self.default_lora_a_initializer
