@@ -127,7 +127,6 @@ class LoRAConv(LoRALayer):
         self.kernel = self._add_frozen(
             in_axes + (self.filters,),
             self.kernel_initializer,
-            self.kernel_regularizer,
         )
         self._add_lora_weights(in_axes, (self.filters,))
         self.bias = None
@@ -266,7 +265,9 @@ _DOC = """{base} layer with a frozen kernel and a trainable LoRA update.
         strides, padding, data_format, dilation_rate, activation, use_bias,
             kernel_initializer, bias_initializer, kernel_regularizer,
             bias_regularizer, bias_constraint: As in `keras.layers.{base}`
-            ({paddings}; `"channels_last"` or `"channels_first"`).
+            ({paddings}; `"channels_last"` or `"channels_first"`);
+            `kernel_regularizer` penalises `lora_a` and `lora_b`, as with
+            Keras's `enable_lora` (the kernel is frozen).
         groups: Must be 1; a grouped convolution is refused.
         kernel_constraint: Must be None: the kernel is frozen.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.

@@ -55,7 +55,8 @@ class LoRADense(LoRALayer):
         use_bias: Boolean, whether the layer uses a bias vector.
         kernel_initializer: Initializer for the frozen kernel.
         bias_initializer: Initializer for the bias vector.
-        kernel_regularizer: Regularizer for the kernel.
+        kernel_regularizer: Regularizer for `lora_a` and `lora_b`, as with
+            Keras's `Dense(..., lora_rank=...)` (the kernel is frozen).
         bias_regularizer: Regularizer for the bias.
         kernel_constraint: Must be None: the kernel is frozen.
         bias_constraint: Constraint for the (trainable) bias.
@@ -131,7 +132,6 @@ class LoRADense(LoRALayer):
         self.kernel = self._add_frozen(
             (input_dim, self.units),
             self.kernel_initializer,
-            self.kernel_regularizer,
         )
         self._add_lora_weights((input_dim,), (self.units,))
         self.bias = None

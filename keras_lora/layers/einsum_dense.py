@@ -88,7 +88,9 @@ class LoRAEinsumDense(LoRALayer):
             The LoRA arguments, as in `LoRALayer`.
         activation, bias_axes, kernel_initializer, bias_initializer,
             kernel_regularizer, bias_regularizer, bias_constraint: As in
-            `keras.layers.EinsumDense`; `bias_axes` e.g. `"nh"`.
+            `keras.layers.EinsumDense`; `bias_axes` e.g. `"nh"`;
+            `kernel_regularizer` penalises `lora_a` and `lora_b`, as with
+            Keras's `enable_lora` (the kernel is frozen).
         kernel_constraint: Must be None: the kernel is frozen.
         **kwargs: Base layer keyword arguments, such as `name`, `dtype` and
             `activity_regularizer`.
@@ -223,9 +225,7 @@ class LoRAEinsumDense(LoRALayer):
             config.update(seed=initializer.seed, input_axes=self._contracted)
             config["output_axes"] = self._outputs
             initializer = type(initializer).from_config(config)
-        self.kernel = self._add_frozen(
-            kernel_shape, initializer, self.kernel_regularizer
-        )
+        self.kernel = self._add_frozen(kernel_shape, initializer)
         self._add_lora_weights(
             [kernel_shape[i] for i in self._contracted],
             [kernel_shape[i] for i in self._outputs],
