@@ -167,13 +167,20 @@ class LoRAConv(LoRALayer):
                 (1,) * self.spatial_rank + tuple(self.lora_b.shape),
             )
             update = self._conv(hidden, one_by_one, "valid", unit=True)
-        outputs = ops.add(outputs, ops.multiply(update, self.scale))
+        update = ops.multiply(update, self.scale)
         if self.data_format == "channels_last":
             bias_shape = (self.filters,)
         else:
             bias_shape = (self.filters,) + (1,) * self.spatial_rank
         if self.use_dora:  # (b, ..filters..) * m / ||W + scale * A @ B||_c
-            outputs = dora.rescale(self, outputs, shape=bias_shape)
+            dropped = None  # PEFT: the dropped input's base product too
+            if lora_inputs is not inputs:
+                dropped = self._conv(lora_inputs, kernel, padding)
+            outputs = dora.combine(
+                self, outputs, dropped, update, shape=bias_shape
+            )
+        else:
+            outputs = ops.add(outputs, update)
         if self.bias is not None:
             outputs = ops.add(outputs, ops.reshape(self.bias, bias_shape))
         if self.activation is not None:

@@ -250,8 +250,6 @@ class LoRAEinsumDense(LoRALayer):
             lambda: ops.einsum(self.equation, inputs, self._merged_for_call()),
             lambda: self._factorised(inputs, training),
         )
-        if self.use_dora:  # (*output) * m / ||W + scale * A . B||_c
-            outputs = dora.rescale(self, outputs, *self._dora_layout(outputs))
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         if self.activation is not None:
@@ -278,6 +276,12 @@ class LoRAEinsumDense(LoRALayer):
             update = ops.einsum(
                 self._up, ops.multiply(x_r, self.scale), self._lora_b()
             )
+        if self.use_dora:  # (*output) * m / ||W + scale * A . B||_c
+            dropped = None  # PEFT: the dropped input's base product too
+            if lora_inputs is not inputs:
+                dropped = ops.einsum(self.equation, lora_inputs, kernel)
+            layout = self._dora_layout(outputs)
+            return dora.combine(self, outputs, dropped, update, *layout)
         return ops.add(outputs, update)
 
     def compute_output_shape(self, input_shape):
