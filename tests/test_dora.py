@@ -190,9 +190,7 @@ def _gradients(layer, x, g, training=False):
         frozen = [v.value for v in layer.non_trainable_variables]
 
         def loss(trainable):
-            y, _ = layer.stateless_call(
-                trainable, frozen, x, training=training
-            )
+            y, _ = layer.stateless_call(trainable, frozen, x, training=training)
             return ops.sum(y * g)
 
         grads = jax.grad(loss)([v.value for v in layer.trainable_variables])
