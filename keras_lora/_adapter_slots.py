@@ -215,7 +215,7 @@ def grow(layer, rank):
                 shape=shape,
                 initializer="zeros",
                 dtype=old.dtype,
-                regularizer=layer.lora_regularizer,
+                regularizer=layer.factor_regularizer(),
                 trainable=old.trainable,
             )
             del store[next(i for i, v in enumerate(store) if v is new)]

@@ -220,3 +220,30 @@ def fit_existing(lora, plan):
                 f"{theirs}"
             )
     return problems
+
+
+def base_biases(lora, plan):
+    """`({path: base bias array}, problems)` for loading `plan` in place:
+    PEFT's `bias="none"` adapter is for the base's biases, so a bias that
+    may have trained goes back to the base's, which `from_base` recorded
+    (`_adapter_slots.base_bias_of`); a training bias whose base value is
+    not known (the layer was rebuilt from a config or a file) is a
+    problem."""
+    restore, problems = {}, []
+    for path in sorted(set(plan) & set(lora)):
+        layer = lora[path]
+        bias = getattr(layer, "bias", None)
+        if bias is None:
+            continue
+        known = layer.__dict__.get("_base_bias")
+        if known is not None and tuple(known.shape) == tuple(bias.shape):
+            restore[path] = known
+        elif layer.train_bias:
+            problems.append(
+                f"'{path}': its bias trains (train_bias=True) and the "
+                "base's bias it started from is not known here, while a "
+                "PEFT adapter (bias='none') is for the base's bias; load "
+                "the adapter into the base model or a LoRA model made by "
+                "apply_lora from it"
+            )
+    return restore, problems

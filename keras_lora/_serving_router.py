@@ -44,6 +44,42 @@ def check_adapter_ids(ids, n_adapters, batch=None):
         )
 
 
+def graph_ids(ids, n_adapters):
+    """Traced ids as int32 `(batch,)`: a float id that is not a whole
+    number in `[-1, n_adapters)` becomes `n_adapters`, out of range, so its
+    example gets NaN (a plain cast would truncate 1.7 to adapter 1)."""
+    ids = ops.reshape(ids, (-1,))
+    if keras.backend.is_float_dtype(ids.dtype):
+        whole = ops.logical_and(
+            ops.equal(ids, ops.floor(ids)),
+            ops.logical_and(
+                ops.greater_equal(ids, -1), ops.less(ids, n_adapters)
+            ),
+        )
+        ids = ops.where(whole, ids, ops.cast(n_adapters, ids.dtype))
+    return ops.cast(ids, "int32")
+
+
+def check_traced_length(ids, batch):
+    """Raises if the ids' static length is not the static batch size (one
+    id would broadcast to every example); unknown sizes pass here and get
+    NaN in the graph (`AdapterRouter.call`)."""
+    length = ids.shape[0] if len(ids.shape) == 1 else None
+    if isinstance(length, int) and isinstance(batch, int) and length != batch:
+        raise ValueError(
+            f"Expected one adapter id per example ({batch}). Received: "
+            f"{IDS} of length {length} for a batch of {batch}"
+        )
+
+
+def _first_batch(inputs):
+    """The batch size of the first input tensor: an int if static, else a
+    scalar tensor."""
+    first = keras.tree.flatten(inputs)[0]
+    static = first.shape[0] if len(first.shape) else None
+    return static if isinstance(static, int) else ops.shape(first)[0]
+
+
 def _concrete(tensor):
     """The values of an eager tensor, or None for a traced/symbolic one."""
     if isinstance(tensor, np.ndarray):
@@ -88,17 +124,23 @@ class AdapterRouter(keras.layers.Layer):
         values = _concrete(adapter_ids)
         if values is not None:
             check_adapter_ids(values, self.n_adapters)
-        ids = ops.cast(ops.reshape(adapter_ids, (-1,)), "int32")
+        ids = graph_ids(adapter_ids, self.n_adapters)
+        batch = _first_batch(inputs)
+        check_traced_length(ids, batch)
         self._ids.value = ids
         try:
             outputs = self.model(inputs)
         finally:
             self._ids.value = None
         # In a graph, an out-of-range id cannot raise: its example's float
-        # outputs become NaN. (b,) 0 or NaN
+        # outputs become NaN, and all of them when the ids' length (known
+        # only at run time) is not the batch's. (b,) 0 or NaN
         valid = ops.logical_and(
             ops.greater_equal(ids, -1), ops.less(ids, self.n_adapters)
         )
+        if not isinstance(batch, int) or not isinstance(ids.shape[0], int):
+            same = ops.equal(ops.shape(ids)[0], batch)
+            valid = ops.logical_and(valid, same)
         return keras.tree.map_structure(lambda y: _poison(y, valid), outputs)
 
     def compute_output_spec(self, inputs, adapter_ids):
@@ -142,6 +184,10 @@ class MultiAdapterModel(keras.Model):
 
     def __call__(self, *args, **kwargs):
         self._check(args[0] if args else kwargs.get("inputs"))
+        if args:
+            args = (self._standard(args[0]), *args[1:])
+        elif "inputs" in kwargs:
+            kwargs["inputs"] = self._standard(kwargs["inputs"])
         return super().__call__(*args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
@@ -155,8 +201,26 @@ class MultiAdapterModel(keras.Model):
     def _check(self, x):
         ids, batch = _ids_of(x)
         values = None if ids is None else _concrete(ids)
+        router = next(
+            op for op in self.operations if isinstance(op, AdapterRouter)
+        )
         if values is not None:
-            router = next(
-                op for op in self.operations if isinstance(op, AdapterRouter)
-            )
             check_adapter_ids(values, router.n_adapters, batch)
+        elif ids is not None and hasattr(ids, "shape"):
+            check_traced_length(ops.reshape(ids, (-1,)), batch)
+
+    def _standard(self, x):
+        """Traced float ids made int32 here, before the int32 input layer
+        would truncate them (`graph_ids`)."""
+        ids, _ = _ids_of(x)
+        if ids is None or _concrete(ids) is not None:
+            return x
+        if not keras.backend.is_float_dtype(getattr(ids, "dtype", "int32")):
+            return x
+        router = next(
+            op for op in self.operations if isinstance(op, AdapterRouter)
+        )
+        ids = graph_ids(ids, router.n_adapters)
+        if isinstance(x, dict):
+            return {**x, IDS: ids}
+        return type(x)([*x[:-1], ids])

@@ -81,9 +81,10 @@ def add_adapter(
     """Adds a new, inactive adapter `name` to a model with LoRA layers.
 
     Its `lora_a` starts as each layer's own (`he_uniform`, a unit normal for
-    embeddings, or N(0, 1/rank) with `lora_init="gaussian"`), its `lora_b`
-    at zero and its bias (if the layer trains one) at the base's, so
-    activating it first gives the base's output.
+    embeddings, or a normal with standard deviation 1/rank with
+    `lora_init="gaussian"`, as PEFT's), its `lora_b` at zero and its bias
+    (if the layer trains one) at the base's, so activating it first gives
+    the base's output.
 
     Args:
         model: A model with LoRA layers (from `apply_lora`).
@@ -137,7 +138,7 @@ def add_adapter(
         if lora_init == "gaussian":
             a_init = {
                 "class_name": "RandomNormal",
-                "config": {"stddev": rank**-0.5},
+                "config": {"stddev": 1.0 / rank},
             }
         slots.add(layer, name, rank, alpha, use_rslora, lora_init, a_init)
     refill(model, {p: rank for p in selected})

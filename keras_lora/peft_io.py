@@ -112,7 +112,9 @@ def load_peft_adapters(model, folder):
     `use_rslora`, `use_dora` and dropout, biases frozen as PEFT's
     `bias="none"`) and the new model returned. A model whose LoRA layers
     are exactly the adapter's, with the same ranks and scales, is loaded
-    in place.
+    in place, and its biases go back to the base's (PEFT's `bias="none"`
+    adapter is for them; a bias that trains and whose base value is not
+    known, as after a reload from a file, is refused by layer).
     Everything is checked before anything is written.
 
     Args:
@@ -140,8 +142,11 @@ def load_peft_adapters(model, folder):
     _refuse_named(model, "load_peft_adapters")
     plan, problems = _peft_import.plan(model, table, config, tensors)
     lora = _tree.find(model, LoRALayer)
+    biases = {}
     if lora and not problems:
         problems = _peft_import.fit_existing(lora, plan)
+        biases, bias_problems = _peft_import.base_biases(lora, plan)
+        problems += bias_problems
     if problems:
         raise AdapterMismatchError(folder, problems)
     if not lora:
@@ -163,6 +168,8 @@ def load_peft_adapters(model, folder):
         if entry.magnitude is not None:
             weight = layer.lora_magnitude
             weight.assign(entry.magnitude.astype(weight.dtype))
+        if path in biases:  # PEFT's bias="none": the base's bias
+            layer.bias.assign(biases[path].astype(layer.bias.dtype))
     return model
 
 

@@ -19,8 +19,10 @@ with arrays), ids that are not integers raise `TypeError`, and ids outside
 `[-1, N)` or not one per example raise `ValueError` naming them, before
 anything runs. Inside a
 compiled graph (a `tf.function`, `jax.jit`, an exported SavedModel) values
-cannot be checked in Python: an example with an out-of-range id gets NaN
-outputs (its float outputs), never another adapter's answer.
+cannot be checked in Python: an example whose id is out of range or not a
+whole number gets NaN outputs (its float outputs), never another adapter's
+answer. Ids whose length is not the batch size raise `ValueError` when both
+are static at trace time; otherwise every output is NaN.
 
 Sources: Sheng et al., "S-LoRA", 2023, arXiv:2311.03285; Chen et al.,
 "Punica", 2023, arXiv:2310.18547.

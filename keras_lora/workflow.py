@@ -9,7 +9,8 @@ class, and return it.
 The copy is rebuilt from the model's config with its weights copied by
 value (so it shares no buffer with its source, which JAX's donated
 train-step buffers would otherwise destroy). Either way the LoRA layers are
-swapped in wherever the layers sit: top-level layers of Functional and Sequential
+swapped in wherever the layers sit: top-level layers of Functional and
+Sequential
 models, layers of nested models, and layers nested in custom layers
 (`MultiHeadAttention`, keras-hub's `TransformerEncoder`, your own blocks).
 """

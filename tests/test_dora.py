@@ -173,7 +173,7 @@ def test_output_matches_numpy_formula(case):
     )
 
 
-def _gradients(layer, x, g):
+def _gradients(layer, x, g, training=False):
     """Gradients of sum(layer(x) * g) for the layer's trainable weights,
     by the backend's autodiff, as numpy, keyed by weight name."""
     names = [v.name for v in layer.trainable_variables]
@@ -182,7 +182,7 @@ def _gradients(layer, x, g):
         import tensorflow as tf
 
         with tf.GradientTape() as tape:
-            loss = ops.sum(layer(x) * g)
+            loss = ops.sum(layer(x, training=training) * g)
         grads = tape.gradient(loss, layer.trainable_variables)
     elif backend == "jax":
         import jax
@@ -190,12 +190,12 @@ def _gradients(layer, x, g):
         frozen = [v.value for v in layer.non_trainable_variables]
 
         def loss(trainable):
-            y, _ = layer.stateless_call(trainable, frozen, x)
+            y, _ = layer.stateless_call(trainable, frozen, x, training=training)
             return ops.sum(y * g)
 
         grads = jax.grad(loss)([v.value for v in layer.trainable_variables])
     else:
-        y = layer(ops.convert_to_tensor(x))
+        y = layer(ops.convert_to_tensor(x), training=training)
         loss = ops.sum(ops.multiply(y, ops.convert_to_tensor(g)))
         loss.backward()
         grads = [v.value.grad for v in layer.trainable_variables]
@@ -245,6 +245,124 @@ def test_gradients_match_numpy_with_the_norm_held_constant(case):
     for name, value in want.items():
         np.testing.assert_allclose(
             got[name].reshape(value.shape), value, rtol=1e-4, atol=1e-4,
+            err_msg=name,
+        )  # fmt: skip
+
+
+def _fixed_dropout(layer, shape, rng, rate=0.5):
+    """Replaces the layer's dropout by one fixed mask (kept entries scaled
+    by 1 / (1 - rate), as dropout does); returns the mask."""
+    keep = rng.uniform(size=shape) >= rate
+    mask = (keep / (1 - rate)).astype("float32")
+
+    def lora_inputs(inputs, training):
+        return ops.multiply(inputs, mask) if training else inputs
+
+    layer._lora_inputs = lora_inputs
+    return mask
+
+
+@pytest.mark.parametrize("case", ["dense", "einsum_heads", "conv1d"])
+def test_training_with_dropout_follows_peft_form(case):
+    # PEFT (DoraLinearLayer): the base path sees x, the adapted path the
+    # dropped x_d: y = x W + (f - 1) x_d W + f s (x_d A) B + b, with
+    # f = m / ||V||_c held constant, V = W + s A B.
+    rng = np.random.default_rng(5)
+    layer, shape = _make(case, use_dora=True, dropout=0.5, alpha=3.0)
+    layer.build(shape)
+    _randomize(layer, rng)
+    x = rng.normal(size=shape).astype("float32")
+    mask = _fixed_dropout(layer, shape, rng)
+    g = rng.normal(size=layer.compute_output_shape(shape)).astype("float32")
+    to, _ = _view(layer)
+    a = _np(layer.lora_a).reshape(-1, 2)
+    b = _np(layer.lora_b).reshape(2, -1)
+    s = layer.scale
+    w = to(_np(layer.kernel))
+    v = w + s * a @ b
+    norms = np.linalg.norm(v, axis=0)
+    f = _np(layer.lora_magnitude).reshape(-1) / norms
+    xm = _unfold(layer, x.astype("float64"))
+    xd = _unfold(layer, x.astype("float64") * mask)
+    want_y = xm @ w + (f - 1) * (xd @ w) + f * s * ((xd @ a) @ b)
+    want_y += _np(layer.bias).reshape(-1)
+    got_y = _np(layer(x, training=True)).reshape(want_y.shape)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+    # Outside training the mask is unused and the form is the plain one.
+    np.testing.assert_allclose(
+        _np(layer(x)), _reference(layer, x.astype("float64")),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    got = _gradients(layer, x, g, training=True)
+    gm = g.astype("float64").reshape(xm.shape[0], -1)
+    want = {
+        "lora_magnitude": np.sum(gm * (xd @ v), axis=0) / norms,
+        "lora_a": s * xd.T @ (gm * f) @ b.T,
+        "lora_b": s * (xd @ a).T @ (gm * f),
+        "bias": gm.sum(axis=0),
+    }
+    for name, value in want.items():
+        np.testing.assert_allclose(
+            got[name].reshape(value.shape), value, rtol=1e-4, atol=1e-4,
+            err_msg=name,
+        )  # fmt: skip
+
+
+def test_training_with_dropout_matches_torch_peft():
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    rng = np.random.default_rng(6)
+    layer = LoRADense(5, rank=2, alpha=3.0, dropout=0.5, use_dora=True)
+    layer.build((3, 4))
+    _randomize(layer, rng)
+    x = rng.normal(size=(3, 4)).astype("float32")
+    mask = _fixed_dropout(layer, (3, 4), rng)
+    g = rng.normal(size=(3, 5)).astype("float32")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 5)
+
+    config = peft.LoraConfig(
+        r=2, lora_alpha=3, lora_dropout=0.5, use_dora=True,
+        target_modules=["lin"],
+    )  # fmt: skip
+    model = peft.get_peft_model(Net(), config)
+    lin = model.base_model.model.lin
+
+    def t(v):
+        return torch.tensor(np.asarray(_np(v), "float32"))
+
+    class FixedDropout(torch.nn.Module):
+        def forward(self, inputs):
+            return inputs * torch.tensor(mask)
+
+    with torch.no_grad():
+        lin.base_layer.weight.copy_(t(layer.kernel).T)
+        lin.base_layer.bias.copy_(t(layer.bias))
+        lin.lora_A["default"].weight.copy_(t(layer.lora_a).T)
+        lin.lora_B["default"].weight.copy_(t(layer.lora_b).T)
+        lin.lora_magnitude_vector["default"].weight.copy_(
+            t(layer.lora_magnitude)
+        )
+    lin.lora_dropout["default"] = FixedDropout()
+    model.train()
+    y = lin(torch.tensor(x))
+    (y * torch.tensor(g)).sum().backward()
+    np.testing.assert_allclose(
+        _np(layer(x, training=True)), y.detach().numpy(), rtol=1e-5,
+        atol=1e-5,
+    )  # fmt: skip
+    got = _gradients(layer, x, g, training=True)
+    want = {
+        "lora_a": lin.lora_A["default"].weight.grad.numpy().T,
+        "lora_b": lin.lora_B["default"].weight.grad.numpy().T,
+        "lora_magnitude": lin.lora_magnitude_vector["default"].weight.grad,
+    }
+    for name, value in want.items():
+        np.testing.assert_allclose(
+            got[name], np.asarray(value), rtol=1e-4, atol=1e-5,
             err_msg=name,
         )  # fmt: skip
 

@@ -74,11 +74,11 @@ def test_kernel_frozen_with_regularizers():
         lora_regularizer=keras.regularizers.L2(0.1),
         bias_regularizer="l1",
     )
-    # lora_a, lora_b and bias per layer: Keras counts the regularizers of
-    # trainable weights only, so the frozen kernel's adds nothing.
+    # lora_a, lora_b and bias per layer: as in Keras's enable_lora, the
+    # kernel_regularizer penalises the factors, adding to lora_regularizer.
     assert len(model.losses) == 6
     expected = sum(
-        0.1 * (np.sum(_np(layer.lora_a) ** 2) + np.sum(_np(layer.lora_b) ** 2))
+        1.1 * (np.sum(_np(layer.lora_a) ** 2) + np.sum(_np(layer.lora_b) ** 2))
         + 0.01 * np.sum(np.abs(_np(layer.bias)))
         for layer in model.layers[1:]
     )

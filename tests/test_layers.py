@@ -392,11 +392,11 @@ def test_keras_file_keeps_every_argument(tmp_path):
     for old_w, new_w in zip(layer.weights, new.weights):
         assert (new_w.name, new_w.dtype) == (old_w.name, "float64")
         np.testing.assert_array_equal(_np(new_w), _np(old_w))
-    # The LoRA regularizer is attached to both factors. Keras counts only
-    # trainable weights' regularizers: not the frozen kernel's, nor the
-    # bias's with train_bias=False.
+    # The LoRA and kernel regularizers both penalise the factors (the
+    # kernel's as in Keras's enable_lora); Keras counts only trainable
+    # weights' regularizers, so not the bias's with train_bias=False.
     a, b = _np(new.lora_a), _np(new.lora_b)
-    expected = 0.0625 * ((a**2).sum() + (b**2).sum())
+    expected = (0.0625 + 0.125) * ((a**2).sum() + (b**2).sum())
     assert float(sum(new.losses)) == pytest.approx(expected, rel=1e-6)
     # And the activity regularizer applies to the output again (Keras
     # divides it by the batch size).
@@ -592,3 +592,62 @@ def test_remat_scope_passes_training_on_to_the_branch_dropout():
     branch = x @ _np(layer.lora_a) @ _np(layer.lora_b) * layer.scale
     np.testing.assert_allclose(inference, kernel_only + branch, rtol=1e-5)
     assert not np.allclose(trained, inference, rtol=1e-3)
+
+
+def _regularised_base(kind):
+    """A built Keras base layer of `kind` with an L2(0.25) weight penalty,
+    and its input shape."""
+    reg = keras.regularizers.L2(0.25)
+    if kind == "dense":
+        return keras.layers.Dense(5, kernel_regularizer=reg), (None, 6)
+    if kind == "einsum":
+        layer = keras.layers.EinsumDense(
+            "ab,bcd->acd", (2, 3), kernel_regularizer=reg
+        )
+        return layer, (None, 6)
+    if kind == "conv1d":
+        return keras.layers.Conv1D(4, 3, kernel_regularizer=reg), (None, 7, 3)
+    if kind == "conv2d":
+        layer = keras.layers.Conv2D(4, 3, kernel_regularizer=reg)
+        return layer, (None, 7, 7, 3)
+    layer = keras.layers.Embedding(11, 5, embeddings_regularizer=reg)
+    return layer, (None, 4)
+
+
+@pytest.mark.parametrize(
+    "kind", ["dense", "einsum", "conv1d", "conv2d", "embedding"]
+)
+def test_kernel_regularizer_penalises_the_factors(kind):
+    # As Keras's enable_lora: the base's kernel (embeddings) regularizer
+    # goes on lora_a and lora_b, from from_base and from the constructor.
+    from keras_lora.layers import lora_class_for
+
+    base, shape = _regularised_base(kind)
+    base.build(shape)
+    cls = lora_class_for(base)
+    rng = np.random.default_rng(1)
+    built = [
+        cls.from_base(base, rank=2),
+        cls.from_config(cls.from_base(base, rank=2).get_config()),
+    ]
+    built[1].build(shape)
+    for layer in built:
+        layer.lora_b.assign(rng.normal(size=layer.lora_b.shape))
+        a, b = _np(layer.lora_a), _np(layer.lora_b)
+        assert len(layer.losses) == 2
+        expected = sorted([0.25 * (a**2).sum(), 0.25 * (b**2).sum()])
+        got = sorted(float(x) for x in layer.losses)
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_kernel_and_lora_regularizers_sum_on_the_factors():
+    layer = LoRADense(5, rank=2, kernel_regularizer="l2", lora_regularizer="l1")
+    layer.build((None, 6))
+    layer.lora_b.assign(np.random.default_rng(2).normal(size=(2, 5)))
+    a, b = _np(layer.lora_a), _np(layer.lora_b)
+    # Keras's "l2" is L2(0.01), "l1" is L1(0.01); bias: none set.
+    expected = [0.01 * (w**2).sum() + 0.01 * np.abs(w).sum() for w in (a, b)]
+    assert len(layer.losses) == 2
+    np.testing.assert_allclose(
+        [float(x) for x in layer.losses], expected, rtol=1e-6
+    )

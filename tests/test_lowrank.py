@@ -8,6 +8,8 @@ import pytest
 
 from keras_lora import (
     LoRADense,
+    _adapter_slots,
+    add_adapter,
     apply_lora,
     build_baseline_model,
     extract_lora,
@@ -233,9 +235,25 @@ def test_gaussian_init():
     layer.build((None, 400))
     a = keras.ops.convert_to_numpy(layer.lora_a)
     assert np.all(keras.ops.convert_to_numpy(layer.lora_b) == 0)
-    # N(0, 1/r): standard deviation 1/sqrt(16) = 0.25.
-    assert a.std() == pytest.approx(0.25, rel=0.05)
+    # PEFT's init_lora_weights="gaussian": standard deviation 1/r = 1/16.
+    assert a.std() == pytest.approx(1 / 16, rel=0.05)
     assert abs(a.mean()) < 0.01
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16])
+def test_gaussian_init_std_is_peft_one_over_rank(rank):
+    # 2048 * rank draws: the sample std is within ~2% of 1/r (4 sigma).
+    layer = LoRADense(8, rank=rank, lora_init="gaussian")
+    layer.build((None, 2048))
+    a = keras.ops.convert_to_numpy(layer.lora_a)
+    assert a.std() == pytest.approx(1 / rank, rel=0.04)
+    model = build_baseline_model(input_dim=2048, units=(8,), compile=False)
+    model = apply_lora(model, rank=2)
+    add_adapter(model, "g", rank=rank, lora_init="gaussian")
+    stored = _adapter_slots.slots_of(model.layers[1]).adapters["g"]
+    named = keras.ops.convert_to_numpy(stored.a)
+    assert named.shape == (2048, rank)
+    assert named.std() == pytest.approx(1 / rank, rel=0.04)
 
 
 def test_rslora_scale_config_and_adapter_record(tmp_path):

@@ -519,3 +519,85 @@ def test_readme_example_runs(tmp_path, monkeypatch):
         keras.ops.convert_to_numpy(lora(x)),
         atol=1e-4,
     )
+
+
+@pytest.fixture(scope="module")
+def qwen_with_biases(tmp_path_factory):
+    """A tiny Qwen2 whose q/k/v biases are non-zero, saved; its folder."""
+    folder = str(tmp_path_factory.mktemp("hf") / "qwen_bias")
+    hf = _hf_model("qwen")
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, weight in hf.named_parameters():
+            if name.endswith("_proj.bias"):
+                weight.copy_(
+                    0.5 * torch.randn(weight.shape, generator=generator)
+                )
+    hf.save_pretrained(folder)
+    return folder
+
+
+def test_in_place_load_restores_trained_biases(qwen_with_biases, tmp_path):
+    # PEFT's bias="none" adapter is for the base's biases: biases that
+    # trained in the LoRA model go back to the base's on an in-place load.
+    folder = qwen_with_biases
+    hf = _hf("qwen", folder)
+    _peft_adapter(hf, tmp_path, target_modules=["q_proj", "v_proj"])
+    expected = _torch_hidden(hf)
+    backbone = _backbone("qwen", folder)
+    fresh = _keras_hidden(load_peft_adapters(backbone, tmp_path))
+    np.testing.assert_allclose(fresh, expected, atol=1e-4)
+    paths = [
+        QWEN.keras_path(i, m) for i in range(2) for m in ("q_proj", "v_proj")
+    ]
+    lora = apply_lora(backbone, rank=4, alpha=8, targets=paths)
+    layers = _tree.find(lora, LoRALayer)
+    base = {p: keras.ops.convert_to_numpy(layers[p].bias) for p in paths}
+    assert all(np.abs(b).max() > 0.1 for b in base.values())
+    rng = np.random.default_rng(4)
+    for path in paths:  # as after training
+        bias = layers[path].bias
+        bias.assign(base[path] + rng.normal(size=bias.shape))
+    assert load_peft_adapters(lora, tmp_path) is lora
+    for path in paths:
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(layers[path].bias), base[path]
+        )
+    np.testing.assert_allclose(_keras_hidden(lora), expected, atol=1e-4)
+    np.testing.assert_allclose(_keras_hidden(lora), fresh, atol=1e-6)
+
+
+def test_in_place_load_refuses_training_biases_of_unknown_base(
+    qwen_with_biases, tmp_path
+):
+    # A layer rebuilt from its config (a file) no longer knows its base's
+    # bias (`from_base` records it; a keras-hub backbone with LoRA layers
+    # has no .keras round trip, so the record is dropped here): a training
+    # bias may have moved, so every such layer is refused, nothing written.
+    folder = qwen_with_biases
+    _peft_adapter(
+        _hf("qwen", folder), tmp_path / "a", target_modules=["q_proj"]
+    )
+    paths = [QWEN.keras_path(i, "q_proj") for i in range(2)]
+    reloaded = apply_lora(
+        _backbone("qwen", folder), rank=4, alpha=8, targets=paths
+    )
+    layers = _tree.find(reloaded, LoRALayer)
+    for path in paths:
+        del layers[path].__dict__["_base_bias"]
+        bias = layers[path].bias
+        bias.assign(keras.ops.convert_to_numpy(bias) + 1.0)
+    start = _factors(reloaded)
+    biases = {p: keras.ops.convert_to_numpy(layers[p].bias) for p in paths}
+    with pytest.raises(AdapterMismatchError) as info:
+        load_peft_adapters(reloaded, tmp_path / "a")
+    problems = info.value.problems
+    assert len(problems) == 2
+    for path, problem in zip(sorted(paths), problems):
+        assert path in problem and "train_bias=True" in problem
+    for name, value in _factors(reloaded).items():
+        np.testing.assert_array_equal(value, start[name])
+    for path in paths:
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(layers[path].bias), biases[path]
+        )

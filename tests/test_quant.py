@@ -373,11 +373,16 @@ def test_quantize_base_refusals_change_nothing():
     with pytest.raises(ValueError, match="double_quant=True"):
         layer.quantize_base("int8", double_quant=True)
     assert layer.base_dtype is None
+    # A kernel_regularizer penalises the factors, which stay float: the
+    # base quantises and the penalty is still on both factors.
     reg = LoRADense(4, kernel_regularizer="l2")
     reg.build((None, 64))
-    with pytest.raises(ValueError, match="regularizer"):
-        reg.quantize_base("nf4")
-    assert reg.base_dtype is None
+    reg.quantize_base("nf4")
+    assert reg.base_dtype == "nf4"
+    a, b = _np(reg.lora_a), _np(reg.lora_b)
+    assert len(reg.losses) == 2
+    expected = 0.01 * ((a**2).sum() + (b**2).sum())
+    assert float(sum(reg.losses)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_pissa_with_a_quantised_base_is_qpissa():

@@ -247,8 +247,89 @@ def test_out_of_range_ids_in_a_graph_give_nan_rows(served):
     good = ids.copy()
     good[[1, 3]] = -1
     np.testing.assert_allclose(
-        out[[0, 2]], _reference(base, paths, x, good)[[0, 2]], rtol=1e-5
+        out[[0, 2]],
+        _reference(base, paths, x, good)[[0, 2]],
+        rtol=1e-5,
+        atol=1e-6,
     )
+
+
+def _compiled(fn):
+    """`fn` under tf.function or jax.jit (skips under torch)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    pytest.skip("no compiled graph on this backend")
+
+
+def test_float_ids_in_a_graph_give_nan_unless_whole(served):
+    # A cast would truncate 1.7 to adapter 1 and -0.5 to adapter 0.
+    base, paths = served["dense"]
+    model = build_multi_adapter_model(base, paths)
+    x = _inputs("dense", 5)
+    ids = np.array([1.7, -0.5, 0.0, 1.0, -1.0], "float32")
+    out = _np(_compiled(lambda a, b: model([a, b]))(x, ids))
+    assert np.isnan(out[[0, 1]]).all()
+    want = _reference(base, paths, x, np.array([-1, -1, 0, 1, -1]))
+    np.testing.assert_allclose(out[2:], want[2:], rtol=1e-5, atol=1e-6)
+
+
+def test_ids_of_another_static_length_are_refused_when_traced(served):
+    base, paths = served["dense"]
+    model = build_multi_adapter_model(base, paths)
+    fn = _compiled(lambda a, b: model([a, b]))
+    match = r"one adapter id per example \(3\).*length 1.*batch of 3"
+    with pytest.raises(ValueError, match=match):
+        fn(_inputs("dense", 3), np.array([1], "int32"))
+
+
+def test_a_serving_layer_alone_refuses_float_or_short_ids(served):
+    from keras_lora import _tree
+    from keras_lora.layers.multi import MultiAdapterLayer
+
+    base, paths = served["dense"]
+    model = build_multi_adapter_model(base, paths)
+    layer = next(
+        layer
+        for _, layer in _tree.walk(model)
+        if isinstance(layer, MultiAdapterLayer)
+    )
+    x = _inputs("dense", 3)
+    with pytest.raises(TypeError, match="integer adapter_ids.*float"):
+        layer(x, adapter_ids=np.array([1.7, -0.5, 0.0], "float32"))
+    with pytest.raises(ValueError, match=r"\(3\).*length 1.*batch of 3"):
+        layer(x, adapter_ids=np.array([1], "int32"))
+    ids = np.array([1, 0, -1], "int32")
+    whole = np.asarray(keras.ops.convert_to_numpy(layer(x, adapter_ids=ids)))
+    assert whole.shape[0] == 3
+
+
+@pytest.mark.skipif(not TF, reason="a tf.function with an unknown batch")
+def test_ids_of_another_dynamic_length_give_nan(served):
+    import tensorflow as tf
+
+    base, paths = served["dense"]
+    model = build_multi_adapter_model(base, paths)
+    fn = tf.function(
+        lambda a, b: model([a, b]),
+        input_signature=[
+            tf.TensorSpec((None, 6), "float32"),
+            tf.TensorSpec((None,), "int32"),
+        ],
+    )
+    x = _inputs("dense", 3)
+    assert np.isnan(fn(x, np.array([1], "int32")).numpy()).all()
+    ids = np.array([1, 0, -1], "int32")
+    np.testing.assert_allclose(
+        fn(x, ids).numpy(), _reference(base, paths, x, ids), rtol=1e-5,
+        atol=1e-6,
+    )  # fmt: skip
 
 
 def test_bad_paths_are_refused(served, tmp_path):

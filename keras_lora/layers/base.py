@@ -52,6 +52,16 @@ def weight_fingerprint(weight):
     return "sha256:" + digest.hexdigest()
 
 
+class SumRegularizer(keras.regularizers.Regularizer):
+    """The sum of several regularizers' penalties on one weight."""
+
+    def __init__(self, *regularizers):
+        self.regularizers = regularizers
+
+    def __call__(self, x):
+        return sum(r(x) for r in self.regularizers)
+
+
 class RankWarning(UserWarning):
     """A LoRA rank above min(in, out): the extra rank only adds parameters
     (and, with PiSSA, factor columns that stay zero)."""
@@ -70,11 +80,15 @@ class LoRALayer(
         lora_a_initializer: Initializer for `lora_a`; defaults to
             `"he_uniform"`. Must be left unset with `lora_init="gaussian"`.
         lora_b_initializer: Initializer for `lora_b`; defaults to zeros.
-        lora_regularizer: Regularizer for both `lora_a` and `lora_b`.
+        lora_regularizer: Regularizer for both `lora_a` and `lora_b`. The
+            kind's `kernel_regularizer` (`embeddings_regularizer`) applies
+            to both factors too, as with Keras's `enable_lora`; with both
+            set, each factor's penalty is their sum.
         train_bias: Boolean, whether the bias (if any) trains.
         use_rslora: Boolean; `scale = alpha / sqrt(rank)` instead of
             `alpha / rank`.
-        lora_init: `"default"`, `"gaussian"` (`lora_a ~ N(0, 1/rank)`,
+        lora_init: `"default"`, `"gaussian"` (`lora_a` normal with standard
+            deviation `1/rank`, PEFT's `init_lora_weights="gaussian"`;
             `lora_b = 0`) or `"pissa"` (the factors take the top-`rank`
             singular part of the frozen weight, which keeps the residual;
             applied by `from_base` or `pissa_split()`, never on a reload).
@@ -131,7 +145,8 @@ class LoRALayer(
         if lora_init == "gaussian" and lora_a_initializer is not None:
             raise ValueError(
                 "Expected `lora_a_initializer` to be unset with "
-                "lora_init='gaussian', which draws lora_a ~ N(0, 1/rank). "
+                "lora_init='gaussian', which draws lora_a with standard "
+                "deviation 1/rank. "
                 f"Received: lora_a_initializer={lora_a_initializer!r}; use "
                 "lora_init='default' to keep your initializer."
             )
@@ -178,9 +193,8 @@ class LoRALayer(
         fan_in, fan_out = math.prod(a_shape), math.prod(b_shape)
         self._warn_if_rank_too_large(fan_in, fan_out)
         if self.lora_init == "gaussian":
-            a_init = keras.initializers.RandomNormal(
-                stddev=1.0 / math.sqrt(self.rank)
-            )
+            # PEFT's init_lora_weights="gaussian": std 1/r, not 1/sqrt(r).
+            a_init = keras.initializers.RandomNormal(stddev=1.0 / self.rank)
             b_init = "zeros"
         else:
             a_init = self.lora_a_initializer or self.default_lora_a_initializer
@@ -189,16 +203,30 @@ class LoRALayer(
             name="lora_a",
             shape=tuple(a_shape) + (self.rank,),
             initializer=a_init,
-            regularizer=self.lora_regularizer,
+            regularizer=self.factor_regularizer(),
         )
         self.lora_b = self.add_weight(
             name="lora_b",
             shape=(self.rank,) + tuple(b_shape),
             initializer=b_init,
-            regularizer=self.lora_regularizer,
+            regularizer=self.factor_regularizer(),
         )
         if self.use_dora:
             dora.add_magnitude(self, b_shape)
+
+    def factor_regularizer(self):
+        """The regularizer of `lora_a` and `lora_b`: `lora_regularizer`
+        plus the frozen weight's (`kernel_regularizer`), which, as in
+        Keras's `enable_lora`, penalises the factors (the frozen weight
+        does not train, so a penalty on it would be a constant)."""
+        found = [
+            r
+            for r in (self.lora_regularizer, self._frozen_regularizer())
+            if r is not None
+        ]
+        if len(found) < 2:
+            return found[0] if found else None
+        return SumRegularizer(*found)
 
     def _warn_if_rank_too_large(self, fan_in, fan_out):
         if self.rank > min(fan_in, fan_out):

@@ -127,7 +127,6 @@ class LoRAConv(LoRALayer):
         self.kernel = self._add_frozen(
             in_axes + (self.filters,),
             self.kernel_initializer,
-            self.kernel_regularizer,
         )
         self._add_lora_weights(in_axes, (self.filters,))
         self.bias = None
@@ -170,9 +169,16 @@ class LoRAConv(LoRALayer):
                 (1,) * self.spatial_rank + tuple(self.lora_b.shape),
             )
             update = self._conv(hidden, one_by_one, "valid", unit=True)
-        outputs = ops.add(outputs, ops.multiply(update, self.scale))
+        update = ops.multiply(update, self.scale)
         if self.use_dora:  # (b, ..filters..) * m / ||W + scale * A @ B||_c
-            outputs = dora.rescale(self, outputs, shape=self._bias_shape())
+            dropped = None  # PEFT: the dropped input's base product too
+            if lora_inputs is not inputs:
+                dropped = self._conv(lora_inputs, kernel, padding)
+            outputs = dora.combine(
+                self, outputs, dropped, update, shape=self._bias_shape()
+            )
+        else:
+            outputs = ops.add(outputs, update)
         return self._finish(outputs, self.bias)
 
     def _bias_shape(self):
@@ -272,7 +278,9 @@ _DOC = """{base} layer with a frozen kernel and a trainable LoRA update.
         strides, padding, data_format, dilation_rate, activation, use_bias,
             kernel_initializer, bias_initializer, kernel_regularizer,
             bias_regularizer, bias_constraint: As in `keras.layers.{base}`
-            ({paddings}; `"channels_last"` or `"channels_first"`).
+            ({paddings}; `"channels_last"` or `"channels_first"`);
+            `kernel_regularizer` penalises `lora_a` and `lora_b`, as with
+            Keras's `enable_lora` (the kernel is frozen).
         groups: Must be 1; a grouped convolution is refused.
         kernel_constraint: Must be None: the kernel is frozen.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.

@@ -55,7 +55,8 @@ class LoRADense(LoRALayer):
         use_bias: Boolean, whether the layer uses a bias vector.
         kernel_initializer: Initializer for the frozen kernel.
         bias_initializer: Initializer for the bias vector.
-        kernel_regularizer: Regularizer for the kernel.
+        kernel_regularizer: Regularizer for `lora_a` and `lora_b`, as with
+            Keras's `Dense(..., lora_rank=...)` (the kernel is frozen).
         bias_regularizer: Regularizer for the bias.
         kernel_constraint: Must be None: the kernel is frozen.
         bias_constraint: Constraint for the (trainable) bias.
@@ -131,7 +132,6 @@ class LoRADense(LoRALayer):
         self.kernel = self._add_frozen(
             (input_dim, self.units),
             self.kernel_initializer,
-            self.kernel_regularizer,
         )
         self._add_lora_weights((input_dim,), (self.units,))
         self.bias = None
@@ -199,7 +199,10 @@ class LoRADense(LoRALayer):
             branch = lora_branch(
                 lora_inputs, self.lora_a, lora_b, None, self.scale
             )
-            outputs = dora.rescale(self, ops.add(outputs, branch))
+            dropped = None  # PEFT: the dropped input's base product too
+            if lora_inputs is not inputs:
+                dropped = self._base_product(lora_inputs)
+            outputs = dora.combine(self, outputs, dropped, branch)
             if self.bias is not None:
                 outputs = ops.add(outputs, self.bias)
             return outputs
@@ -217,6 +220,12 @@ class LoRADense(LoRALayer):
             self.scale,
             fresh=self.base_dtype not in quant.INT_MODES,
         )
+
+    def _base_product(self, inputs):
+        # (..., in) @ (in, units) -> (..., units); no gradient reaches W.
+        if self.base_dtype in quant.INT_MODES:
+            return quant_matmul.layer_matmul(self, inputs)
+        return frozen_matmul(inputs, self._frozen_for_call())
 
     def _one_product(self, inputs, kernel, lora_inputs, lora_b):
         """JAX, training: base and branch in one product, `[x, x_r, 1] @

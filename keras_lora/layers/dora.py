@@ -18,6 +18,16 @@ with the norm treated as a constant in the backward pass (the paper's
 section 4.3, and PEFT), so gradients reach `m`, `A` and `B` but the norm
 costs no backward pass of its own. `merged_kernel` folds it in exactly.
 
+In training with dropout > 0 the layer follows PEFT (`DoraLinearLayer`),
+whose adapted path sees the dropped input `x_d` and whose base path sees
+`x`, with `g = m / ||W + scale * A @ B||_c`:
+
+    y = x @ W + (g - 1) * (x_d @ W) + g * scale * (x_d @ A) @ B + bias
+
+computed as `g * (x_d @ W + scale * (x_d @ A) @ B) + (x @ W - x_d @ W)`
+(`combine`). Without dropout, or outside training, `x_d = x` and it is the
+form above.
+
 Sources:
 - Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", 2024,
   arXiv:2402.09353 (eq. 5 and section 4.3).
@@ -109,6 +119,18 @@ def rescale(layer, outputs, perm=None, shape=None):
     if shape is not None:
         factor = ops.reshape(factor, shape)
     return ops.multiply(outputs, ops.cast(factor, outputs.dtype))
+
+
+def combine(layer, base, dropped_base, update, perm=None, shape=None):
+    """DoRA's pre-bias output from the base product `base` (`x @ W`), the
+    branch `update` (`scale * (x_d @ A) @ B`) and `dropped_base`
+    (`x_d @ W`, or None when no dropout ran, `x_d = x`): PEFT's
+    `x @ W + (g - 1) * (x_d @ W) + g * update`. `perm`, `shape`: as in
+    `rescale`."""
+    if dropped_base is None:
+        return rescale(layer, ops.add(base, update), perm, shape)
+    adapted = rescale(layer, ops.add(dropped_base, update), perm, shape)
+    return ops.add(adapted, ops.subtract(base, dropped_base))
 
 
 def merged_matrix(layer):

@@ -88,7 +88,9 @@ class LoRAEinsumDense(LoRALayer):
             The LoRA arguments, as in `LoRALayer`.
         activation, bias_axes, kernel_initializer, bias_initializer,
             kernel_regularizer, bias_regularizer, bias_constraint: As in
-            `keras.layers.EinsumDense`; `bias_axes` e.g. `"nh"`.
+            `keras.layers.EinsumDense`; `bias_axes` e.g. `"nh"`;
+            `kernel_regularizer` penalises `lora_a` and `lora_b`, as with
+            Keras's `enable_lora` (the kernel is frozen).
         kernel_constraint: Must be None: the kernel is frozen.
         **kwargs: Base layer keyword arguments, such as `name`, `dtype` and
             `activity_regularizer`.
@@ -223,9 +225,7 @@ class LoRAEinsumDense(LoRALayer):
             config.update(seed=initializer.seed, input_axes=self._contracted)
             config["output_axes"] = self._outputs
             initializer = type(initializer).from_config(config)
-        self.kernel = self._add_frozen(
-            kernel_shape, initializer, self.kernel_regularizer
-        )
+        self.kernel = self._add_frozen(kernel_shape, initializer)
         self._add_lora_weights(
             [kernel_shape[i] for i in self._contracted],
             [kernel_shape[i] for i in self._outputs],
@@ -256,9 +256,6 @@ class LoRAEinsumDense(LoRALayer):
                 ),
                 lambda: self._factorised(inputs, training),
             )
-        if self.use_dora and not self._adapters_off:
-            # (*output) * m / ||W + scale * A . B||_c
-            outputs = dora.rescale(self, outputs, *self._dora_layout(outputs))
         bias = self._bias_for_call()
         if bias is not None:
             outputs = ops.add(outputs, bias)
@@ -286,6 +283,12 @@ class LoRAEinsumDense(LoRALayer):
             update = ops.einsum(
                 self._up, ops.multiply(x_r, self.scale), self._lora_b()
             )
+        if self.use_dora:  # (*output) * m / ||W + scale * A . B||_c
+            dropped = None  # PEFT: the dropped input's base product too
+            if lora_inputs is not inputs:
+                dropped = ops.einsum(self.equation, lora_inputs, kernel)
+            layout = self._dora_layout(outputs)
+            return dora.combine(self, outputs, dropped, update, *layout)
         return ops.add(outputs, update)
 
     def compute_output_shape(self, input_shape):

@@ -61,7 +61,8 @@ class LoRAEmbedding(LoRALayer):
             lora_regularizer, use_rslora, lora_init: The LoRA arguments, as
             in `LoRALayer` (`train_bias` is accepted and unused).
         embeddings_initializer: Initializer for the frozen table.
-        embeddings_regularizer: Regularizer for the table.
+        embeddings_regularizer: Regularizer for `lora_a` and `lora_b`, as
+            with Keras's `Embedding.enable_lora` (the table is frozen).
         embeddings_constraint: Must be None: the table is frozen.
         mask_zero: Boolean, whether id 0 is padding to be masked out.
         weights: Optional initial table, an array of shape
@@ -148,7 +149,6 @@ class LoRAEmbedding(LoRALayer):
         self.embeddings = self._add_frozen(
             (self.input_dim, self.output_dim),
             self.embeddings_initializer,
-            self.embeddings_regularizer,
         )
         self._add_lora_weights((self.input_dim,), (self.output_dim,))
         self.built = True

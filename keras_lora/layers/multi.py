@@ -180,6 +180,8 @@ class MultiAdapterLayer(keras.layers.Layer):
 
     def _ids(self, inputs, adapter_ids):
         ids = adapter_ids
+        if ids is not None:
+            self._check_given_ids(inputs, ids)
         if ids is None and self._ids_source is not None:
             ids = self._ids_source.value
         if ids is None and not _is_eager(inputs):
@@ -193,6 +195,28 @@ class MultiAdapterLayer(keras.layers.Layer):
                 "pass `adapter_ids`."
             )
         return ops.cast(ops.reshape(ids, (-1,)), "int32")
+
+    def _check_given_ids(self, inputs, ids):
+        """`adapter_ids` passed to this layer alone: no serving model
+        poisons a bad example here, so refuse what the dtype and static
+        shapes show (a cast would truncate 1.7 to 1; one id would
+        broadcast to the batch)."""
+        ids = ops.convert_to_tensor(ids)
+        dtype = keras.backend.standardize_dtype(ids.dtype)
+        if not dtype.startswith(("int", "uint")):
+            raise TypeError(
+                f"Expected integer adapter_ids for '{self.name}'. Received:"
+                f" adapter_ids of dtype {dtype}; cast them to int32."
+            )
+        length = ids.shape[0] if len(ids.shape) == 1 else None
+        batch = inputs.shape[0] if len(inputs.shape) else None
+        if isinstance(length, int) and isinstance(batch, int):
+            if length != batch:
+                raise ValueError(
+                    f"Expected one adapter id per example ({batch}) for "
+                    f"'{self.name}'. Received: adapter_ids of length "
+                    f"{length} for a batch of {batch}"
+                )
 
     def _mask(self, ids, ndim):
         """`(batch, 1, ..., R)` 1.0 where rank column j is the example's."""

@@ -36,8 +36,6 @@ class QuantizeEntry:
                 f"base as base_dtype={self.base_dtype!r}; quantize_base runs"
                 f" once. Received: mode={mode!r}"
             )
-        if mode in quant.INT_MODES:
-            self._refuse_regularizer(self._frozen_regularizer(), mode)
         old = self.frozen_weight
         value = np.asarray(ops.convert_to_numpy(old), "float32")
         quant.check_finite(value, f"the frozen weight of '{self.name}'")
@@ -82,6 +80,8 @@ class QuantizeEntry:
             )
 
     def _frozen_regularizer(self):
+        """The kind's regularizer argument for its frozen weight
+        (`kernel_regularizer`, `embeddings_regularizer`), or None."""
         if self.frozen_name == "kernel":
             return getattr(self, "kernel_regularizer", None)
         return getattr(self, self.frozen_name + "_regularizer", None)

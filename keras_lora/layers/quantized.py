@@ -76,8 +76,10 @@ class QuantizedBase(QuantizeEntry):
                 f"of {quant.FLOAT_MODES}."
             )
 
-    def _add_frozen(self, shape, initializer, regularizer):
-        """Creates the frozen weight's storage; returns its main variable."""
+    def _add_frozen(self, shape, initializer):
+        """Creates the frozen weight's storage; returns its main variable.
+        It carries no regularizer: the kind's `kernel_regularizer` goes to
+        the factors (`LoRALayer.factor_regularizer`)."""
         shape = tuple(shape)
         mode = self.base_dtype
         if mode not in quant.INT_MODES:
@@ -85,11 +87,9 @@ class QuantizedBase(QuantizeEntry):
                 name=self.frozen_name,
                 shape=shape,
                 initializer=initializer,
-                regularizer=regularizer,
                 trainable=False,
                 dtype=mode,
             )
-        self._refuse_regularizer(regularizer, mode)
         self._frozen_shape = shape
         value = keras.initializers.get(initializer)(shape, "float32")
         stored = quant.quantize(
@@ -99,14 +99,6 @@ class QuantizedBase(QuantizeEntry):
             self.double_quant,
         )
         return self._add_storage(stored)
-
-    def _refuse_regularizer(self, regularizer, mode):
-        if regularizer is not None:
-            raise ValueError(
-                f"Expected no regularizer on the frozen weight of "
-                f"'{self.name}' with base_dtype={mode!r}: it would only add "
-                f"a constant. Received: regularizer={regularizer!r}"
-            )
 
     def _matrix_axes(self, ndim):
         """(permutation, number of input axes) taking the weight to its
