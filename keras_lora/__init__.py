@@ -1,14 +1,38 @@
 """keras_lora: Low-Rank Adaptation (LoRA) as drop-in Keras 3 layers."""
 
-from keras_lora.adapters import (
+from keras_lora.adapters.combine import combine_adapters
+from keras_lora.adapters.files import (
     AdapterMismatchError,
-    apply_adapters,
     kernel_fingerprint,
-    load_adapters,
     read_adapters,
+)
+from keras_lora.adapters.io import (
+    apply_adapters,
+    load_adapters,
     save_adapters,
 )
-from keras_lora.combine import combine_adapters
+from keras_lora.adapters.named import (
+    active_adapters,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    set_adapter,
+)
+from keras_lora.compare.parameters import (
+    LayerComparison,
+    ParameterComparison,
+    ParameterCount,
+    compare_parameters,
+    count_parameters,
+    dense_parameter_count,
+    lora_parameter_count,
+    print_trainable_parameters,
+)
+from keras_lora.compare.seed_models import (
+    build_baseline_model,
+    build_lora_model,
+)
 from keras_lora.layers import (
     LoRAConv1D,
     LoRAConv2D,
@@ -25,32 +49,16 @@ from keras_lora.lowrank import (
     layer_matrix,
     rank_report,
 )
-from keras_lora.models import build_baseline_model, build_lora_model
-from keras_lora.named_adapters import (
-    active_adapters,
-    add_adapter,
-    delete_adapter,
-    disable_adapters,
-    list_adapters,
-    set_adapter,
-)
-from keras_lora.parameters import (
-    LayerComparison,
-    ParameterComparison,
-    ParameterCount,
-    compare_parameters,
-    count_parameters,
-    dense_parameter_count,
-    lora_parameter_count,
-    print_trainable_parameters,
-)
-from keras_lora.peft_io import (
+from keras_lora.peft.io import (
     load_peft_adapters,
     read_peft_adapters,
     save_peft_adapters,
 )
-from keras_lora.quant import base_bytes_per_parameter, base_storage_bytes
-from keras_lora.serving import (
+from keras_lora.quant.formats import (
+    base_bytes_per_parameter,
+    base_storage_bytes,
+)
+from keras_lora.serving.model import (
     MultiAdapterModel,
     build_multi_adapter_model,
 )

@@ -2,11 +2,11 @@
 
 Subcommands:
 - `compare`: the parameter table of a Dense chain against its LoRA twin.
-- `bench`: the speed and memory benchmark (see `keras_lora.bench`).
+- `bench`: the speed and memory benchmark (see `keras_lora.bench.cli`).
 - `capacity`: the largest stack a memory budget trains (see
-  `keras_lora.capacity`).
-- `digits`: the fine-tuning experiment (see `keras_lora.digits`).
-- `transfer`: LoRA on a transformer (see `keras_lora.transfer`).
+  `keras_lora.experiments.capacity`).
+- `digits`: the fine-tuning experiment (see `keras_lora.experiments.digits`).
+- `transfer`: LoRA on a transformer (see `keras_lora.experiments.transfer`).
 - `rank-report`: the singular-value report of one layer (or of its update).
 """
 
@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import sys
 
-from keras_lora._argtypes import (
+from keras_lora.utils.argtypes import (
     UsageError,
     positive_int,
     positive_ints,
@@ -72,7 +72,7 @@ def _add_compare(subparsers):
 def _run_hub_compare(args):
     import json
 
-    from keras_lora import builtin_comparison as bc
+    from keras_lora.compare import builtin as bc
 
     if args.hidden_dim % args.heads:
         raise UsageError(
@@ -96,8 +96,8 @@ def _run_compare(args):
     if args.hub:
         return _run_hub_compare(args)
 
+    from keras_lora.compare.parameters import compare_parameters
     from keras_lora.layers import LoRADense
-    from keras_lora.parameters import compare_parameters
 
     use_bias = not args.no_bias
     if args.shapes:
@@ -122,7 +122,7 @@ def _run_compare(args):
 
 
 def _add_bench(subparsers):
-    from keras_lora import bench
+    from keras_lora.bench import cli as bench
 
     bench.add_arguments(
         subparsers.add_parser(
@@ -133,7 +133,7 @@ def _add_bench(subparsers):
 
 
 def _add_capacity(subparsers):
-    from keras_lora import capacity
+    from keras_lora.experiments import capacity
 
     capacity.add_arguments(
         subparsers.add_parser(
@@ -149,7 +149,8 @@ def _add_digits(subparsers):
         "digits",
         help="fine-tune on inverted digits: full vs LoRA (needs scikit-learn)",
     )
-    # No defaults here: keras_lora.digits holds them (SEEDS, RANKS, EPOCHS).
+    # No defaults here: keras_lora.experiments.digits holds them (SEEDS,
+    # RANKS, EPOCHS).
     p.add_argument(
         "--seeds",
         type=positive_int,
@@ -180,7 +181,8 @@ def _add_verbose(p):
 def _run_digits(args):
     import json
 
-    from keras_lora import _progress, digits
+    from keras_lora.experiments import digits
+    from keras_lora.experiments import progress as _progress
 
     given = {
         "seeds": None if args.seeds is None else tuple(range(args.seeds)),
@@ -202,7 +204,7 @@ def _add_transfer(subparsers):
         help="LoRA on a small transformer, digits 0-4 -> 5-9: ours vs full, "
         "head only and Keras's enable_lora (needs scikit-learn)",
     )
-    # No defaults here: keras_lora.transfer holds them.
+    # No defaults here: keras_lora.experiments.transfer holds them.
     p.add_argument(
         "--seeds",
         type=positive_int,
@@ -214,7 +216,8 @@ def _add_transfer(subparsers):
 
 
 def _run_transfer(args):
-    from keras_lora import _progress, transfer
+    from keras_lora.experiments import progress as _progress
+    from keras_lora.experiments import transfer
 
     seeds = transfer.SEEDS if args.seeds is None else range(args.seeds)
     with _progress.to_stderr(args.verbose):
@@ -250,7 +253,7 @@ def _load_layer(path, name):
     import keras
 
     import keras_lora  # noqa: F401  (registers LoRADense for load_model)
-    from keras_lora import _tree
+    from keras_lora.model import tree as _tree
 
     if not os.path.isfile(path):
         raise UsageError(

@@ -14,9 +14,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lora import _checks, _tree
 from keras_lora.layers import LoRALayer, RankWarning, lora_class_for
-from keras_lora.linalg import svd_factors
+from keras_lora.model import tree as _tree
+from keras_lora.utils import checks as _checks
+from keras_lora.utils.linalg import svd_factors
 from keras_lora.workflow import apply_lora
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)

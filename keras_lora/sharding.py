@@ -27,8 +27,8 @@ Sources: `keras.distribution.LayoutMap` / `ModelParallel`, keras-hub
 
 import keras
 
-from keras_lora import _tree
 from keras_lora.layers import LoRALayer
+from keras_lora.model import tree as _tree
 
 __all__ = ["lora_layout_map"]
 

@@ -15,201 +15,15 @@ models, layers of nested models, and layers nested in custom layers
 (`MultiHeadAttention`, keras-hub's `TransformerEncoder`, your own blocks).
 """
 
-import re
-
-import keras
-import numpy as np
-
-from keras_lora import _checks, _disable, _freeze, _saved, _tree
-from keras_lora.layers import LoRALayer, lora_class_for
-from keras_lora.layers.quantized import check_requantize, requantize_base
-
-# The query and value projections of Keras's MultiHeadAttention and of
-# keras-hub's attention layers: keras-hub's `enable_lora` defaults.
-ATTENTION_QV = r"(.*/)?(query|value|query_dense|value_dense)"
-LINEAR = (keras.layers.Dense, keras.layers.EinsumDense)
-
-
-def copy_model(model):
-    """Returns a copy of `model` rebuilt from its config, its weights copied
-    by value. A keras-hub task model's copy shares its preprocessor (which
-    holds no weights, and whose tokenizer's vocabulary its config does not
-    carry). Raises `ValueError` for a model Keras cannot rebuild."""
-    _tree.require_model(model)
-    try:
-        config = keras.saving.serialize_keras_object(model)
-        config.pop("compile_config", None)
-        clone = keras.saving.deserialize_keras_object(config)
-        if not clone.built and model.built:
-            clone.build_from_config(model.get_build_config())
-    except (NotImplementedError, TypeError, ValueError, KeyError) as error:
-        reason = str(error).split("\n")[0].split(". ")[0]
-        raise ValueError(
-            f"Cannot copy model '{model.name}' ({type(model).__name__}): "
-            f"Keras cannot rebuild it from its config ({reason}). Pass "
-            "`inplace=True` to change the model itself instead."
-        ) from error
-    source, target = model.weights, clone.weights
-    same = [tuple(v.shape) for v in source] == [tuple(v.shape) for v in target]
-    if not same or _structure(model) != _structure(clone):
-        raise ValueError(
-            f"Cannot copy model '{model.name}' ({type(model).__name__}): its "
-            "config rebuilds other layers or weights (a model that builds "
-            "its layers on first call?). Pass `inplace=True` to change the "
-            "model itself instead."
-        )
-    for mine, theirs in zip(target, source):
-        mine.assign(np.array(keras.ops.convert_to_numpy(theirs)))
-    preprocessor = getattr(model, "preprocessor", None)
-    if isinstance(preprocessor, keras.layers.Layer):
-        _tree.swap_all(
-            clone, {"preprocessor": (clone.preprocessor, preprocessor)}
-        )
-    return clone
-
-
-def _structure(model):
-    """Each layer's position and class (names Keras generates may differ),
-    a task's preprocessor left out: it builds its layers on first call,
-    and the copy shares the source's."""
-    where = _tree.positions(model)
-    pre = getattr(model, "preprocessor", None)
-    skip = (
-        {id(x) for x in ([pre] + [x for _, x in _tree.walk(pre)])}
-        if (isinstance(pre, keras.layers.Layer))
-        else set()
-    )
-    return [
-        (where[p], type(x).__name__)
-        for p, x in _tree.walk(model)
-        if id(x) not in skip
-    ]
-
-
-def _matcher(targets):
-    if targets is None:
-        return lambda path, layer: isinstance(layer, LINEAR)
-    if targets == "attention_qv":
-        targets = ATTENTION_QV
-    if isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as error:
-            raise ValueError(
-                "Expected `targets` to be a valid regular expression. "
-                f"Received: targets={targets!r} ({error})"
-            ) from None
-        return lambda path, layer: bool(
-            pattern.fullmatch(layer.name) or pattern.fullmatch(path)
-        )
-    if callable(targets):
-        return lambda path, layer: bool(targets(layer))
-    if isinstance(targets, (list, tuple, set)) and all(
-        isinstance(t, str) for t in targets
-    ):
-        names = set(targets)
-        return lambda path, layer: layer.name in names or path in names
-    raise TypeError(
-        "Expected `targets` to be None, 'attention_qv', a list of layer "
-        "names or paths, a regex string or a callable. Received: "
-        f"targets={targets!r}"
-    )
-
-
-def _select(model, targets):
-    """Returns `{path: layer}` of the targeted layers; refuses targets that
-    name layers no LoRA class adapts, or that cannot be adapted."""
-    layers = dict(_tree.walk(model))
-    adaptable = {p: x for p, x in layers.items() if lora_class_for(x)}
-    if any(isinstance(layer, LoRALayer) for layer in layers.values()):
-        raise ValueError(
-            f"Expected a model without LoRA layers. Received: model="
-            f"'{model.name}', which has some; merge it first with "
-            "`merge_lora`, or load adapters into it with `load_adapters`."
-        )
-    available = ", ".join(sorted(adaptable)) or "none"
-    if isinstance(targets, (list, tuple, set)):
-        by_name = {x.name for x in layers.values()}
-        unknown = [t for t in targets if t not in layers and t not in by_name]
-        if unknown:
-            raise ValueError(
-                f"Expected target names or paths of layers in the model. "
-                f"Received: targets={list(targets)!r}; no layer is named "
-                f"{unknown!r}. Adaptable layers: {available}"
-            )
-    match = _matcher(targets)
-    # Names and paths are strict: naming a layer no LoRA class adapts is an
-    # error. None, a regex or a callable choose among adaptable layers.
-    strict = isinstance(targets, (list, tuple, set))
-    pool = layers if strict else adaptable
-    selected = {p: x for p, x in pool.items() if match(p, x)}
-    problems = []
-    for path, layer in selected.items():
-        cls = lora_class_for(layer)
-        reason = (
-            cls.check_base(layer)
-            if cls
-            else (
-                f"no LoRA layer adapts a {type(layer).__name__} (supported: "
-                "Dense, EinsumDense, Embedding, ReversibleEmbedding, Conv1D, "
-                "Conv2D)"
-            )
-        )
-        if reason:
-            problems.append(f"'{path}': {reason}")
-    if problems:
-        raise ValueError(
-            f"Expected `targets` to select adaptable layers. Received: "
-            f"targets={targets!r}, which selects layers that cannot be "
-            "adapted:\n  - " + "\n  - ".join(problems)
-        )
-    if not selected:
-        raise ValueError(
-            f"Expected `targets` to match at least one adaptable layer. "
-            f"Received: targets={targets!r}. Adaptable layers: {available}"
-        )
-    return selected
-
-
-def _per_layer(name, value, selected, default, check):
-    if not isinstance(value, dict):
-        if value is not None:
-            check(name, value)
-        return lambda path, layer: value
-    names = {layer.name for layer in selected.values()} | set(selected)
-    unknown = sorted(set(value) - names)
-    if unknown:
-        raise ValueError(
-            f"Expected `{name}` keys to be targeted layer names or paths. "
-            f"Received: {name} keys {unknown!r}. Targeted: "
-            f"{', '.join(sorted(selected))}"
-        )
-    for key, item in value.items():
-        check(f"{name}[{key!r}]", item)
-    return lambda path, layer: value.get(path, value.get(layer.name, default))
-
-
-def _keep_paths(model, keep_trainable):
-    if isinstance(keep_trainable, str) or not all(
-        isinstance(k, str) for k in keep_trainable
-    ):
-        raise TypeError(
-            "Expected `keep_trainable` to be a list of layer names or paths. "
-            f"Received: keep_trainable={keep_trainable!r}"
-        )
-    layers = dict(_tree.walk(model))
-    paths = [p for p, x in layers.items() if p in keep_trainable]
-    paths += [p for p, x in layers.items() if x.name in keep_trainable]
-    unknown = sorted(
-        set(keep_trainable) - set(paths) - {layers[p].name for p in paths}
-    )
-    if unknown:
-        raise ValueError(
-            f"Expected `keep_trainable` to name layers of the model. Received:"
-            f" keep_trainable={list(keep_trainable)!r}; no layer is named "
-            f"{unknown!r}."
-        )
-    return paths
+from keras_lora.layers import lora_class_for
+from keras_lora.model import freeze as _freeze
+from keras_lora.model import kept
+from keras_lora.model import saved as _saved
+from keras_lora.model import targets as targets_
+from keras_lora.model import tree as _tree
+from keras_lora.model.copy import copy_model
+from keras_lora.quant.storage import check_requantize, requantize_base
+from keras_lora.utils import checks as _checks
 
 
 def apply_lora(
@@ -247,7 +61,7 @@ def apply_lora(
 
     Either way, `model.save(...)` of the result reloads exactly with
     `keras.saving.load_model` once keras_lora is imported, even for models
-    whose config rebuilds plain layers (see `keras_lora._saved`).
+    whose config rebuilds plain layers (see `keras_lora.model.saved`).
 
     Args:
         model: Any `keras.Model`; for the copy, one Keras can rebuild from
@@ -310,10 +124,12 @@ def adapt(
     _checks.unit_interval("dropout", dropout)
     _checks.boolean("train_bias", train_bias)
     _tree.require_model(model)
-    selected = _select(model, targets)
-    keep = _keep_paths(model, keep_trainable)
-    rank_of = _per_layer("rank", rank, selected, 8, _checks.positive_int)
-    alpha_of = _per_layer(
+    selected = targets_.select(model, targets)
+    keep = targets_.keep_paths(model, keep_trainable)
+    rank_of = targets_.per_layer(
+        "rank", rank, selected, 8, _checks.positive_int
+    )
+    alpha_of = targets_.per_layer(
         "alpha", alpha, selected, None, _checks.positive_number
     )
     _checks.boolean("inplace", inplace)
@@ -340,7 +156,7 @@ def adapt(
         before_swap({p: new for p, (_, new) in replacements.items()})
     _tree.swap_all(clone, replacements)
     _freeze.freeze_all_but_lora(clone, keep)
-    _disable.snapshot_kept(clone, keep)  # their base, for disable_adapters
+    kept.snapshot_kept(clone, keep)  # their base, for disable_adapters
     _saved.mark(clone, keep)
     _freeze.forget_compilation(clone)
     return clone

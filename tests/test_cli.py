@@ -183,9 +183,9 @@ def _fail_inside(*args, **kwargs):
 @pytest.mark.parametrize(
     "module, name, argv",
     [
-        ("keras_lora.digits", "run_experiment", ["digits"]),
-        ("keras_lora.bench", "measure_times", ["bench", "--no-memory"]),
-        ("keras_lora.bench", "run_benchmark", ["bench"]),
+        ("keras_lora.experiments.digits", "run_experiment", ["digits"]),
+        ("keras_lora.bench.cli", "measure_times", ["bench", "--no-memory"]),
+        ("keras_lora.bench.cli", "run_benchmark", ["bench"]),
         ("keras_lora.lowrank", "rank_report", ["rank-report"]),
     ],
 )
@@ -242,7 +242,7 @@ def test_wrong_file_type_is_a_usage_error(capsys, tmp_path):
     ],
 )
 def test_digits_defaults_are_the_modules(capsys, monkeypatch, argv, expected):
-    from keras_lora import digits
+    from keras_lora.experiments import digits
 
     calls = []
 
@@ -259,7 +259,7 @@ def test_digits_defaults_are_the_modules(capsys, monkeypatch, argv, expected):
 def test_digits_module_defaults_agree():
     import inspect
 
-    from keras_lora import digits
+    from keras_lora.experiments import digits
 
     def defaults(fn):
         return {

@@ -11,7 +11,6 @@ import pytest
 from keras_lora import (
     AdapterMismatchError,
     LoRALayer,
-    _tree,
     apply_adapters,
     apply_lora,
     copy_model,
@@ -20,6 +19,7 @@ from keras_lora import (
     save_adapters,
 )
 from keras_lora.layers import lora_class_for
+from keras_lora.model import tree as _tree
 
 keras_hub = pytest.importorskip("keras_hub")
 
@@ -246,7 +246,7 @@ def test_embeddings_adapted_only_when_named():
 
 @pytest.mark.parametrize("build", [bert, gemma])
 def test_compare_with_keras_lora_counts_and_ranks(build):
-    from keras_lora.builtin_comparison import compare_with_keras_lora
+    from keras_lora.compare.builtin import compare_with_keras_lora
 
     base = build()
     before = [np.array(keras.ops.convert_to_numpy(w)) for w in base.weights]

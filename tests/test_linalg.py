@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_lora import linalg
-from keras_lora.linalg import frozen_matmul, uses_transposed_gradient
+from keras_lora.utils import linalg
+from keras_lora.utils.linalg import frozen_matmul, uses_transposed_gradient
 
 TF_ONLY = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",

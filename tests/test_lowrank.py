@@ -8,7 +8,6 @@ import pytest
 
 from keras_lora import (
     LoRADense,
-    _adapter_slots,
     add_adapter,
     apply_lora,
     build_baseline_model,
@@ -18,6 +17,7 @@ from keras_lora import (
     read_adapters,
     save_adapters,
 )
+from keras_lora.layers import slots as _adapter_slots
 
 
 def _rank2_matrix(seed=0, shape=(10, 10)):

@@ -11,7 +11,6 @@ import pytest
 
 from keras_lora import (
     LoRADense,
-    _tree,
     apply_adapters,
     apply_lora,
     load_adapters,
@@ -19,6 +18,7 @@ from keras_lora import (
     read_adapters,
     save_adapters,
 )
+from keras_lora.model import tree as _tree
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 

@@ -34,12 +34,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lora import _checks
 from keras_lora.layers import base_bias, dora
 from keras_lora.layers.conversion import LORA_KEYS, BaseConversion  # noqa: F401
-from keras_lora.layers.quantized import QuantizedBase
 from keras_lora.layers.remat import RematWithTraining
-from keras_lora.linalg import svd_factors
+from keras_lora.quant.storage import QuantizedBase
+from keras_lora.utils import checks as _checks
+from keras_lora.utils.linalg import svd_factors
 
 LORA_INITS = ("default", "gaussian", "pissa")
 
@@ -98,7 +98,7 @@ class LoRALayer(
         base_dtype: Storage of the frozen weight: None (the layer's
             variable dtype), "float32", "bfloat16", "float16", "int8"
             (per-output abs-max) or "nf4" (QLoRA's 4-bit NormalFloat,
-            blocks of 64); see `quantized.py` and `keras_lora.quant`.
+            blocks of 64); see `quantized.py` and `keras_lora.quant.formats`.
         double_quant: Boolean, NF4 only: store the block scales in 8 bits.
         use_dora: Boolean; DoRA (Liu et al., 2024, arXiv:2402.09353): a
             trainable magnitude `lora_magnitude` per output unit rescales
@@ -372,7 +372,7 @@ class LoRALayer(
 
     def _lora_b(self):
         """`lora_b` as the call uses it: with named adapters
-        (`keras_lora.named_adapters`), each rank's row times its scale."""
+        (`keras_lora.adapters.named`), each rank's row times its scale."""
         scales = getattr(self, "adapter_scales", None)
         if scales is None:
             return self.lora_b

@@ -29,7 +29,7 @@ import functools
 import keras
 from keras import ops
 
-from keras_lora.linalg import _is_sparse
+from keras_lora.utils.linalg import _is_sparse
 
 
 def lora_branch(inputs, lora_a, lora_b, bias, scale):

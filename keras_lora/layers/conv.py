@@ -13,10 +13,10 @@ Sources:
 import keras
 from keras import ops
 
-from keras_lora import _checks
 from keras_lora.layers import dora
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.dense import refuse_kernel_constraint
+from keras_lora.utils import checks as _checks
 
 
 def _int_tuple(name, value, n):

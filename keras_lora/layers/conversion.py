@@ -10,7 +10,7 @@ import numpy as np
 from keras import ops
 
 from keras_lora.layers import base_bias, dora
-from keras_lora.layers.quantized import check_requantize, requantize_base
+from keras_lora.quant.storage import check_requantize, requantize_base
 
 LORA_KEYS = (
     "rank",

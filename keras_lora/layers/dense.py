@@ -3,7 +3,6 @@
 import keras
 from keras import ops
 
-from keras_lora import _checks, quant, quant_matmul
 from keras_lora.layers import dora, inference_merge
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.branch import (
@@ -12,8 +11,11 @@ from keras_lora.layers.branch import (
     fuses_base,
     lora_branch,
 )
-from keras_lora.linalg import _is_sparse as is_sparse
-from keras_lora.linalg import frozen_matmul
+from keras_lora.quant import formats as quant
+from keras_lora.quant import matmul as quant_matmul
+from keras_lora.utils import checks as _checks
+from keras_lora.utils.linalg import _is_sparse as is_sparse
+from keras_lora.utils.linalg import frozen_matmul
 
 
 def refuse_kernel_constraint(layer_name, kernel_constraint):

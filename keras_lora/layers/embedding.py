@@ -14,8 +14,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lora import _checks
 from keras_lora.layers.base import LoRALayer
+from keras_lora.utils import checks as _checks
 
 
 def refuse_embeddings_constraint(layer_name, embeddings_constraint):

@@ -54,8 +54,8 @@ import math
 import keras
 from keras import ops
 
-from keras_lora import quant
-from keras_lora.linalg import _is_sparse
+from keras_lora.quant import formats as quant
+from keras_lora.utils.linalg import _is_sparse
 
 MERGE_TOKENS_PER_INPUT = 4
 

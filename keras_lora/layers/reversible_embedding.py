@@ -4,8 +4,8 @@ uses the adapted table too (keras-hub's `ReversibleEmbedding`)."""
 import keras
 from keras import ops
 
-from keras_lora import _checks
 from keras_lora.layers.embedding import LoRAEmbedding
+from keras_lora.utils import checks as _checks
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")

@@ -1,0 +1,3 @@
+"""Adapter files, named adapters (add, set, delete, disable) and combining
+adapters.
+"""

@@ -1,0 +1,1 @@
+"""The speed and memory benchmark behind `keras-lora bench`."""

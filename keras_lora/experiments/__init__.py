@@ -1,0 +1,1 @@
+"""The fine-tuning experiments on real data: digits, transfer, capacity."""

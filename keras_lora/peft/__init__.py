@@ -1,0 +1,3 @@
+"""Hugging Face PEFT interop: import, export and the keras-hub <-> Hugging Face
+name tables.
+"""

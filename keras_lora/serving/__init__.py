@@ -1,0 +1,3 @@
+"""Many adapters on one base in one batch: the per-example router, its layers
+and the model.
+"""
