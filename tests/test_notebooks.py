@@ -37,6 +37,11 @@ EXPECTED = {
         "| block_0_attention/query |",
         "matrix 32x32",
     ],
+    "05_causal_lm_with_lora.ipynb": [
+        "before fine-tuning, greedy continuation matches the grammar: False",
+        "after fine-tuning, greedy continuation matches the grammar: True",
+        "restored adapters, same greedy output: True",
+    ],
 }
 
 

@@ -117,3 +117,18 @@ def test_readme_builtin_comparison_table_is_the_commands(capsys):
     table = capsys.readouterr().out.strip()
     assert table.startswith("| layer | weight |")
     assert table in README
+
+
+def test_readme_causal_lm_table_is_the_script(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+    try:
+        import causal_lm_comparison as script
+    finally:
+        sys.path.pop(0)
+    rows = script.figures(str(tmp_path))
+    table = script.markdown(rows)
+    assert table.startswith("| | keras_lora |")
+    assert table in README
+    assert rows["keras_lora"][3] == 0  # restored exactly
