@@ -500,16 +500,15 @@ def test_reading_needs_no_torch(bases, tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "14"
 
 
-def test_readme_example_runs(tmp_path, monkeypatch):
+def test_docs_peft_example_runs(tmp_path, monkeypatch):
     import pathlib
     import re
 
-    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
-    section = readme.split("### Adapters from and for PEFT", 1)[1]
-    block = re.search(r"```py\n(.*?)```", section, re.S).group(1)
+    page = pathlib.Path(__file__).parents[2] / "docs" / "guides" / "peft.md"
+    block = re.search(r"```py\n(.*?)```", page.read_text(), re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    exec(compile(block, "docs/guides/peft.md", "exec"), namespace)  # noqa: S102
     lora, served, x = namespace["lora"], namespace["served"], namespace["x"]
     assert len(_tree.find(lora, LoRALayer)) == 4
     with torch.no_grad():
