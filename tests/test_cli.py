@@ -205,7 +205,8 @@ def test_internal_value_error_propagates(
 def test_internal_error_keeps_its_traceback_and_exit_status():
     code = (
         "import sys\n"
-        "from keras_lora import cli, digits\n"
+        "from keras_lora import cli\n"
+        "from keras_lora.experiments import digits\n"
         "def boom(**kwargs):\n"
         "    raise ValueError('an internal error')\n"
         "digits.run_experiment = boom\n"

@@ -38,6 +38,8 @@ def _cell(value):
         return "yes" if value else "no"
     if isinstance(value, int):
         return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:g}"
     return str(value)
 
 
