@@ -108,7 +108,7 @@ def build_parser():
         help="print the version and exit",
     )
     subparsers = parser.add_subparsers(
-        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+        dest="command", required=True, parser_class=_Parser, metavar="command"
     )
     for name, (module, text) in COMMANDS.items():
         subparsers.add_parser(name, help=text, description=text, module=module)
