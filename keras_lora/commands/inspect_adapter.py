@@ -55,7 +55,7 @@ def format_table(summary):
             layer.use_dora,
             layer.base_dtype,
             layer.parameters,
-            (layer.base_fingerprint or "")[:12] or None,
+            (layer.base_fingerprint or "").split(":")[-1][:12] or None,
         )
         for layer in summary.layers
     ]
