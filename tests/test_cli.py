@@ -205,7 +205,8 @@ def test_internal_value_error_propagates(
 def test_internal_error_keeps_its_traceback_and_exit_status():
     code = (
         "import sys\n"
-        "from keras_lora import cli, digits\n"
+        "from keras_lora import cli\n"
+        "from keras_lora.experiments import digits\n"
         "def boom(**kwargs):\n"
         "    raise ValueError('an internal error')\n"
         "digits.run_experiment = boom\n"
@@ -290,3 +291,65 @@ def test_every_subcommand_prints_its_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: keras-lora {command}" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    import keras_lora
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"keras-lora {keras_lora.__version__}\n"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"]])
+def test_help_and_version_do_not_import_tensorflow(argv):
+    code = (
+        "import sys\n"
+        "from keras_lora.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in "
+        "('tensorflow', 'keras', 'jax', 'torch', 'h5py')]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
+    assert "inspect" in done.stdout or "keras-lora" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "inspect",
+        "merge",
+        "compare",
+        "bench",
+        "capacity",
+        "digits",
+        "transfer",
+        "rank-report",
+    ],
+)
+def test_every_option_has_help_and_defaults_as_values(command):
+    from keras_lora.cli import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    text = sub.format_help()
+    missing = [
+        action.option_strings or action.dest
+        for action in sub._actions
+        if not action.help
+    ]
+    assert missing == []
+    assert "digits." not in text and "transfer.SEEDS" not in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    if command == "compare":
+        assert "the LoRA rank (default: 8)" in " ".join(text.split())
+        assert "(default: 256,128,64,10)" in " ".join(text.split())

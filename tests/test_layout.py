@@ -7,6 +7,7 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "keras_lora"
 # Lowest first: a room may import only from rooms before it.
 ORDER = [
+    "registration",
     "utils",
     "quant",
     "layers",
@@ -20,6 +21,7 @@ ORDER = [
     "compare",
     "bench",
     "experiments",
+    "commands",
     "cli",
 ]
 TOP = {"__init__", "__main__"}  # the public API and `python -m`

@@ -1,0 +1,56 @@
+"""`keras-lora digits`: fine-tuning on inverted digits, full against LoRA
+(see `keras_lora.experiments.digits`)."""
+
+import json
+
+from keras_lora.commands.verbose import add_verbose
+from keras_lora.utils.argtypes import positive_int, positive_ints
+
+
+def add_arguments(p):
+    from keras_lora.experiments import digits
+
+    # Left out, the module's defaults apply: the help shows them.
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        help=f"run seeds 0..N-1 (default: {len(digits.SEEDS)})",
+    )
+    p.add_argument(
+        "--ranks",
+        type=positive_ints,
+        help="LoRA ranks, comma-separated (default: "
+        + ",".join(map(str, digits.RANKS))
+        + ")",
+    )
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        help=f"adaptation epochs (default: {digits.EPOCHS})",
+    )
+    p.add_argument(
+        "--format",
+        choices=("markdown", "json"),
+        default="markdown",
+        help="how to print the results",
+    )
+    add_verbose(p)
+    p.set_defaults(run=run)
+
+
+def run(args):
+    from keras_lora.experiments import digits
+    from keras_lora.experiments import progress as _progress
+
+    given = {
+        "seeds": None if args.seeds is None else tuple(range(args.seeds)),
+        "ranks": args.ranks,
+        "epochs": args.epochs,
+    }
+    with _progress.to_stderr(args.verbose):
+        _, results = digits.run_experiment(
+            **{key: value for key, value in given.items() if value is not None}
+        )
+    if args.format == "json":
+        return json.dumps([digits.summary(r) for r in results], indent=2)
+    return digits.format_markdown(results)

@@ -1,0 +1,33 @@
+"""`keras-lora transfer`: LoRA on a small transformer (see
+`keras_lora.experiments.transfer`)."""
+
+from keras_lora.commands.verbose import add_verbose
+from keras_lora.utils.argtypes import positive_int
+
+
+def add_arguments(p):
+    from keras_lora.experiments import transfer
+
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        help=f"run seeds 0..N-1 (default: {len(transfer.SEEDS)})",
+    )
+    p.add_argument(
+        "--format",
+        choices=("markdown", "json"),
+        default="markdown",
+        help="how to print the results",
+    )
+    add_verbose(p)
+    p.set_defaults(run=run)
+
+
+def run(args):
+    from keras_lora.experiments import progress as _progress
+    from keras_lora.experiments import transfer
+
+    seeds = transfer.SEEDS if args.seeds is None else range(args.seeds)
+    with _progress.to_stderr(args.verbose):
+        result = transfer.run_with_extraction(seeds=tuple(seeds))
+    return transfer.format_run(*result, fmt=args.format)
