@@ -9,8 +9,6 @@ prints the README's table; `tests/test_readme.py` checks that it is there.
 import ast
 import inspect
 import os
-import pathlib
-import sys
 import tempfile
 import textwrap
 
@@ -20,11 +18,27 @@ import numpy as np
 
 import keras_lora
 
-MERGES = ["Ġ a", "Ġ t", "a i", "p l", "n e", "Ġa t", "p o", "r t", "ai r",
-          "pl a", "po rt", "Ġa i", "Ġai r", "pla ne"]
+MERGES = [
+    "Ġ a",
+    "Ġ t",
+    "a i",
+    "p l",
+    "n e",
+    "Ġa t",
+    "p o",
+    "r t",
+    "ai r",
+    "pl a",
+    "po rt",
+    "Ġa i",
+    "Ġai r",
+    "pla ne",
+]
 # "!" first: keras-hub's GPT-2 pads with id 0, which must not be the end token.
 CHARS = ["!", "<|endoftext|>", "Ġ", "a", "i", "r", "p", "l", "n", "e", "t", "o"]
-VOCAB = {t: i for i, t in enumerate(CHARS + [m.replace(" ", "") for m in MERGES])}
+VOCAB = {
+    t: i for i, t in enumerate(CHARS + [m.replace(" ", "") for m in MERGES])
+}
 TEXTS = [" air plane at air port", " a plane at a port"]
 
 
@@ -33,10 +47,17 @@ def tiny_gpt2():
     tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary=VOCAB, merges=MERGES)
     return keras_hub.models.GPT2CausalLM(
         backbone=keras_hub.models.GPT2Backbone(
-            vocabulary_size=len(VOCAB), num_layers=2, num_heads=2,
-            hidden_dim=8, intermediate_dim=16, max_sequence_length=8),
+            vocabulary_size=len(VOCAB),
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=8,
+            intermediate_dim=16,
+            max_sequence_length=8,
+        ),
         preprocessor=keras_hub.models.GPT2CausalLMPreprocessor(
-            tokenizer, sequence_length=8))
+            tokenizer, sequence_length=8
+        ),
+    )
 
 
 def with_keras_lora(lm, fresh, path):
@@ -73,27 +94,42 @@ def figures(folder):
     weights = base.get_weights()
     ids = base.preprocessor.generate_preprocess(TEXTS, sequence_length=8)
     out = {}
-    for way, function in (("keras_lora", with_keras_lora),
-                          ("keras-hub", with_keras_hub)):
+    for way, function in (
+        ("keras_lora", with_keras_lora),
+        ("keras-hub", with_keras_hub),
+    ):
         lm, fresh = tiny_gpt2(), tiny_gpt2()
         lm.set_weights(weights)
         fresh.set_weights(weights)
         path = os.path.join(folder, f"{way}.lora.h5")
         trained, restored = function(lm, fresh, path)
-        trainable = sum(int(np.prod(w.shape)) for w in trained.trainable_weights)
-        drift = float(np.max(np.abs(np.asarray(restored(ids))
-                                    - np.asarray(trained(ids)))))
-        out[way] = (lines_of_code(function), trainable,
-                    os.path.getsize(path), drift)
+        trainable = sum(
+            int(np.prod(w.shape)) for w in trained.trainable_weights
+        )
+        drift = float(
+            np.max(np.abs(np.asarray(restored(ids)) - np.asarray(trained(ids))))
+        )
+        out[way] = (
+            lines_of_code(function),
+            trainable,
+            os.path.getsize(path),
+            drift,
+        )
     return out
 
 
 def markdown(rows):
     """The README's table for `figures(...)`."""
-    lines = ["| | keras_lora | keras-hub `backbone.enable_lora(4)` |",
-             "|---|---|---|"]
-    names = ("lines: adapt, train, save, restore", "trainable parameters",
-             "adapter file (bytes)", "restored vs trained, max \\|Δ logit\\|")
+    lines = [
+        "| | keras_lora | keras-hub `backbone.enable_lora(4)` |",
+        "|---|---|---|",
+    ]
+    names = (
+        "lines: adapt, train, save, restore",
+        "trainable parameters",
+        "adapter file (bytes)",
+        "restored vs trained, max \\|Δ logit\\|",
+    )
     formats = ("{}", "{:,}", "{:,}", "{:.2g}")
     for i, (name, fmt) in enumerate(zip(names, formats)):
         mine, theirs = rows["keras_lora"][i], rows["keras-hub"][i]
