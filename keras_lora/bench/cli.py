@@ -4,10 +4,11 @@ built-in LoRA.
 
 This module is the command: its arguments, and the run and its report.
 The defaults left-out arguments take are in `keras_lora.bench.defaults`;
-the ratios the README quotes, their targets and verdicts
-are in `keras_lora.bench.ratios`. The variants and how each
-is timed and measured are in `keras_lora.bench.core`, whose docstring is
-the method; device-resident timing and the device are in
+the ratios the README quotes, their targets and verdicts are in
+`keras_lora.bench.ratios`. The variants are built in
+`keras_lora.bench.variants`; how each is timed and measured is in
+`keras_lora.bench.core`, whose
+docstring is the method; device-resident timing and the device are in
 `keras_lora.bench.device`; the confidence intervals (a paired bootstrap
 over rounds) and the verdicts are in `keras_lora.bench.stats`; the table
 is in `keras_lora.bench.report`.
@@ -21,12 +22,6 @@ from keras_lora.bench import base_dtype as _bench_base_dtype
 from keras_lora.bench import device as _bench_device
 from keras_lora.bench import stats as _bench_stats
 from keras_lora.bench.core import (
-    EQUATION,
-    LAYERS,
-    TRAIN_ONLY,
-    TRAINED,
-    VARIANTS,
-    build_variant,
     measure_memory,
     measure_times,
     memory_probe,
@@ -40,6 +35,14 @@ from keras_lora.bench.ratios import (
     verdicts,
 )
 from keras_lora.bench.report import format_table
+from keras_lora.bench.variants import (
+    EQUATION,
+    LAYERS,
+    TRAIN_ONLY,
+    TRAINED,
+    VARIANTS,
+    build_variant,
+)
 from keras_lora.utils.argtypes import pair, positive_int
 
 __all__ = [
