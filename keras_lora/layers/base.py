@@ -169,6 +169,15 @@ class LoRALayer(
         )
         # Set by `disable_adapters`: the call computes the base alone.
         self._adapters_off = False
+        # Whether `build` may still warn of the rank (`rank_warning.py`):
+        # False once it has, and for a layer rebuilt from its config.
+        self._warn_rank = True
+
+    @classmethod
+    def from_config(cls, config):
+        layer = super().from_config(config)
+        layer._warn_rank = False  # a reload or copy: warned when first built
+        return layer
 
     @property
     def scale(self):
