@@ -8,13 +8,13 @@ the best rank-r approximation in Frobenius norm).
 """
 
 import dataclasses
-import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_lora.layers import LoRALayer, RankWarning, lora_class_for
+from keras_lora.layers import LoRALayer, lora_class_for
+from keras_lora.layers.rank_warning import rank_warnings_off
 from keras_lora.model import tree as _tree
 from keras_lora.utils import checks as _checks
 from keras_lora.utils.linalg import svd_factors
@@ -118,8 +118,7 @@ def layer_matrix(matrix_or_layer):
                 f"'{matrix_or_layer.name}': {reason}."
             )
         # A throwaway LoRA twin knows the kind's matrix view.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RankWarning)
+        with rank_warnings_off():
             twin = cls.from_base(matrix_or_layer, rank=1)
         return twin.kernel_matrix()
     if isinstance(matrix_or_layer, keras.layers.Layer):
@@ -217,7 +216,8 @@ def extract_lora(base_model, finetuned_model, rank=8, targets=None):
     """
     _checks.positive_int("rank", rank)
     tuned = _layer_pairs(base_model, finetuned_model)
-    lora_model = apply_lora(base_model, rank=rank, targets=targets)
+    with rank_warnings_off():  # a rank above min(in, out) is exact here
+        lora_model = apply_lora(base_model, rank=rank, targets=targets)
     report = {}
     for path, layer in _tree.lora_layers(lora_model).items():
         w_tuned = layer._to_matrix(

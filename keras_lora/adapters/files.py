@@ -24,7 +24,9 @@ import keras
 import numpy as np
 
 from keras_lora.layers import LoRALayer, lora_class_for
-from keras_lora.layers.base import weight_fingerprint as kernel_fingerprint
+from keras_lora.layers.fingerprint import (
+    weight_fingerprint as kernel_fingerprint,
+)
 from keras_lora.model import tree as _tree
 
 FORMAT = "keras_lora.adapters"

@@ -6,7 +6,7 @@ import re
 
 import keras
 
-from keras_lora.layers import slots
+from keras_lora.layers import slot_values, slots
 from keras_lora.model import tree as _tree
 
 DEFAULT = "default"
@@ -145,19 +145,19 @@ def sync(model):
     layers = layers_of(model)
     if is_named(layers):
         for layer in layers.values():
-            slots.write_back(layer)
+            slot_values.write_back(layer)
 
 
 def fill_model(model, names):
     layers = layers_of(model)
     grown = False
     for layer in layers.values():
-        slots.write_back(layer)
+        slot_values.write_back(layer)
         need = slots.needed_rank(layer, names)
         if need > layer.rank:
             slots.grow(layer, need)
             grown = True
-        slots.fill(layer, names)
+        slot_values.fill(layer, names)
     if grown:
         reset_compiled(model, grown=True)
 
@@ -174,7 +174,7 @@ def refill(model, ranks):
             grown = True
     active = current_adapters(model)
     for layer in layers.values():
-        slots.fill(layer, active)
+        slot_values.fill(layer, active)
     reset_compiled(model, grown=grown)
 
 

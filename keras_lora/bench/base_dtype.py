@@ -129,8 +129,8 @@ def _tight(samples, names):
 def measure_times(args, names, progress):
     """Interleaved rounds; returns `({(mode, kind): seconds}, sampling,
     {mode: model})`."""
-    from keras_lora.bench.core import _data
     from keras_lora.bench.train_memory import build_stack
+    from keras_lora.bench.variants import _data
 
     models = {m: build_stack(_spec(m, args)) for m in names}
     x, y = _data(args)

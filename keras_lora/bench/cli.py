@@ -2,19 +2,16 @@
 or with `--layer einsum` LoRAEinsumDense against EinsumDense and its
 built-in LoRA.
 
-This module is the command: its arguments, the ratios the README and
-the issues quote, their targets, and the report. The variants and how each
-is timed and measured are in `keras_lora.bench.core`, whose docstring is
-the method; device-resident timing and the device are in
+This module is the command: its arguments, and the run and its report.
+The defaults left-out arguments take are in `keras_lora.bench.defaults`;
+the ratios the README quotes, their targets and verdicts are in
+`keras_lora.bench.ratios`. The variants are built in
+`keras_lora.bench.variants`; how each is timed and measured is in
+`keras_lora.bench.core`, whose
+docstring is the method; device-resident timing and the device are in
 `keras_lora.bench.device`; the confidence intervals (a paired bootstrap
 over rounds) and the verdicts are in `keras_lora.bench.stats`; the table
 is in `keras_lora.bench.report`.
-
-Each ratio is a ratio of medians with a 95% interval. `met` is "yes" when
-the interval's upper end is at or under the target, "no" when its lower end
-is over it, "unclear" when the interval straddles it; a ratio without a
-target (the bias-only floor) has none. Memory is measured
-once per variant, so its interval is the point itself.
 """
 
 import argparse
@@ -25,18 +22,28 @@ from keras_lora.bench import base_dtype as _bench_base_dtype
 from keras_lora.bench import device as _bench_device
 from keras_lora.bench import stats as _bench_stats
 from keras_lora.bench.core import (
+    measure_memory,
+    measure_times,
+    memory_probe,
+)
+from keras_lora.bench.defaults import DEFAULTS, with_defaults
+from keras_lora.bench.ratios import (
+    TARGETS,
+    TOKENS_TARGETS,
+    intervals,
+    ratios,
+    verdicts,
+)
+from keras_lora.bench.report import format_table
+from keras_lora.bench.variants import (
     EQUATION,
     LAYERS,
     TRAIN_ONLY,
     TRAINED,
     VARIANTS,
     build_variant,
-    measure_memory,
-    measure_times,
-    memory_probe,
 )
-from keras_lora.bench.report import format_table
-from keras_lora.utils.argtypes import UsageError, pair, positive_int
+from keras_lora.utils.argtypes import pair, positive_int
 
 __all__ = [
     "DEFAULTS",
@@ -60,14 +67,6 @@ __all__ = [
     "verdicts",
     "with_defaults",
 ]
-
-# Per layer kind, the defaults of the arguments left out; `seq` and `heads`
-# are the einsum stack's only. The einsum defaults are BERT-base's query
-# projection (hidden 768, 12 heads of 64) on 4 sequences of 128 tokens.
-DEFAULTS = {
-    "dense": {"width": 4096, "batch": 32, "seq": None, "heads": None},
-    "einsum": {"width": 768, "batch": 4, "seq": 128, "heads": 12},
-}
 
 
 def tokens(text):
@@ -187,115 +186,6 @@ def add_arguments(parser):
         "--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS
     )
     parser.set_defaults(run=run)
-
-
-def with_defaults(args):
-    """Fills the arguments left out (None) from `DEFAULTS[args.layer]`, and
-    for the dense stack `units` (default `width`) and `batch`, `seq` from
-    `--tokens`; raises `UsageError` for `--seq`/`--heads` without `--layer
-    einsum`, `--tokens`/`--units` with it, `--tokens` with `--batch`, or
-    heads that do not divide the width. Calling it again is a no-op."""
-    if getattr(args, "defaults_filled", False):
-        return args
-    given_batch = args.batch
-    for key, value in DEFAULTS[args.layer].items():
-        if value is None and getattr(args, key) is not None:
-            raise UsageError(
-                f"--{key} applies to --layer einsum only. Received: "
-                f"--{key} {getattr(args, key)} with --layer {args.layer}"
-            )
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.layer == "einsum" and args.width % args.heads:
-        raise UsageError(
-            f"expected --heads to divide --width. Received: --heads "
-            f"{args.heads}, --width {args.width}"
-        )
-    if args.layer == "einsum":
-        for key in ("tokens", "units"):
-            if getattr(args, key) is not None:
-                raise UsageError(
-                    f"--{key} applies to --layer dense only. Received: "
-                    f"--{key} with --layer einsum"
-                )
-    if args.layer == "dense":
-        if args.units is None:
-            args.units = args.width
-        if args.tokens is not None:
-            if given_batch is not None:
-                raise UsageError(
-                    "expected --tokens or --batch, not both. Received: "
-                    f"--batch {args.batch} with --tokens "
-                    f"{args.tokens[0]}x{args.tokens[1]}"
-                )
-            args.batch, args.seq = args.tokens
-    args.defaults_filled = True
-    return args
-
-
-def _figure(figures, variant, kind):
-    if kind == "memory":
-        memory = figures[variant].get("memory")
-        return None if memory is None else memory["peak_delta_bytes"]
-    return figures[variant][kind]["median_s"]
-
-
-def ratios(figures):
-    """The ratios the README and issue quote, each a ratio of medians
-    (or of peak memory), from raw figures; None where a figure is missing
-    or the denominator is zero."""
-    out = {}
-    for key, (top, bottom) in _bench_stats.RATIOS.items():
-        num, den = _figure(figures, *top), _figure(figures, *bottom)
-        out[key] = num / den if num is not None and den else None
-    return out
-
-
-def intervals(figures):
-    """Each ratio's 95% interval `[low, high]`: a paired bootstrap over
-    rounds for timed ratios, the point itself for memory, None where the
-    ratio is None."""
-    values, out = ratios(figures), {}
-    for key, (top, bottom) in _bench_stats.RATIOS.items():
-        if values[key] is None:
-            out[key] = None
-        elif top[1] == "memory":
-            out[key] = [values[key], values[key]]
-        else:
-            out[key] = list(
-                _bench_stats.paired_interval(
-                    figures[top[0]][top[1]]["samples_s"],
-                    figures[bottom[0]][bottom[1]]["samples_s"],
-                )
-            )
-    return out
-
-
-def verdicts(cis, targets):
-    """`{ratio: "yes" | "no" | "unclear" | None}` from the intervals."""
-    return {
-        key: None
-        if ci is None or targets.get(key) is None
-        else _bench_stats.verdict(ci, targets[key])
-        for key, ci in cis.items()
-    }
-
-
-TARGETS = {
-    "train_lora_vs_dense": 0.25,
-    "train_lora_vs_keras_lora": 0.40,
-    "train_vs_forward": 1.3,
-    "floor_train_vs_forward": None,  # no target: the floor, for reading
-    "infer_unmerged_vs_dense": 1.10,
-    "infer_merged_vs_dense": 1.05,
-    "memory_lora_vs_dense": 0.20,
-}
-# With --tokens (transformer-shaped rank-3 inputs), issue 15's targets.
-TOKENS_TARGETS = TARGETS | {
-    "train_lora_vs_dense": 0.60,
-    "train_vs_forward": 1.35,
-    "infer_unmerged_vs_dense": 1.05,
-}
 
 
 def run_benchmark(args, progress=lambda *a, **k: None):

@@ -2,7 +2,7 @@
 
 The stack is `bench`'s (`--layer dense` or `einsum`, with `--width`,
 `--depth`, `--batch` or `--tokens`, `--units`, `--seq`, `--heads`,
-`--rank`, `--dtype`): its plain Keras model (`keras_lora.bench.core`'s
+`--rank`, `--dtype`): its plain Keras model (`keras_lora.bench.variants`'s
 `dense` variant) adapted twice by `apply_lora(rank=rank)`, once plain and
 once with `use_dora=True`, from the same base weights. Times are taken as
 `bench` takes them: interleaved rounds, each timing both models' compiled
@@ -46,7 +46,7 @@ def build_pair(args):
     """`{"lora": model, "dora": model}`, compiled, on one base."""
     import keras
 
-    from keras_lora.bench.core import _BUILDERS
+    from keras_lora.bench.variants import _BUILDERS
     from keras_lora.workflow import apply_lora
 
     keras.utils.set_random_seed(0)
@@ -76,7 +76,7 @@ def _interval(samples, kind):
 
 def measure_times(args, progress):
     """Interleaved rounds; returns `({(name, kind): seconds}, sampling)`."""
-    from keras_lora.bench.core import _data
+    from keras_lora.bench.variants import _data
 
     models = build_pair(args)
     x, y = _data(args)

@@ -1,6 +1,6 @@
 """The table `keras-lora bench` prints: `format_table` of a report."""
 
-from keras_lora.bench.core import VARIANTS
+from keras_lora.bench.variants import VARIANTS
 
 
 def _ms(figure):

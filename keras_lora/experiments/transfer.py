@@ -16,7 +16,8 @@ absolute position embedding, in one built-in layer), `BLOCKS` = 2
 post-norm encoder blocks (Keras `MultiHeadAttention`, 2 heads of 16, and a
 32 -> 64 -> 32 ReLU feed-forward, residuals and LayerNorm), mean pooling
 and a Dense head. Plain Keras layers only, built functionally so that
-`apply_lora` reaches the attention projections.
+`apply_lora` reaches the attention projections. The tasks and the model
+are built in `transfer_tasks.py`.
 
 Methods (`METHODS`), each with a new head on the pretrained backbone:
 - `frozen`: only the head trains;
@@ -47,7 +48,6 @@ Models", arXiv:2106.09685 (section 7: which projections, which rank).
 import re
 
 import keras
-import numpy as np
 
 from keras_lora.compare.parameters import count_parameters
 from keras_lora.experiments import progress as _progress
@@ -65,15 +65,19 @@ from keras_lora.experiments.transfer_report import (  # noqa: F401  (re-exported
     format_run,
     summary,
 )
+from keras_lora.experiments.transfer_tasks import (  # noqa: F401  (re-exported)
+    BLOCKS,
+    CLASSES,
+    D_MODEL,
+    FFN,
+    HEADS,
+    SPLIT_SEED,
+    build_classifier,
+    load_tasks,
+)
 from keras_lora.model import tree as _tree
 from keras_lora.workflow import apply_lora, copy_model
 
-D_MODEL = 32
-HEADS = 2
-FFN = 64
-BLOCKS = 2
-CLASSES = 5
-SPLIT_SEED = 0
 SEEDS = (0, 1, 2)
 MAX_EPOCHS = 100
 PATIENCE = 10
@@ -109,55 +113,6 @@ def learning_rate_for(method):
     trains at `lora_qv_r4`'s rate)."""
     family, _ = _parse(method)
     return LEARNING_RATES.get(method) or LEARNING_RATES[f"{family}_r4"]
-
-
-def load_tasks(split_seed=SPLIT_SEED):
-    """Returns `{"source": split, "target": split}`, each split a dict of
-    `train`, `val`, `test` pairs `(tokens (n, 8, 8), labels 0-4)`."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:  # pragma: no cover - depends on the env
-        raise ImportError(
-            "The transfer experiment needs scikit-learn: "
-            "pip install 'keras_lora[dev]'"
-        ) from error
-    digits = load_digits()
-    # (n, 64) -> (n, 8 rows, 8 pixels): one token per image row
-    x = (digits.data / 16.0).astype("float32").reshape(-1, 8, 8)
-    y = digits.target.astype("int32")
-    rng = np.random.default_rng(split_seed)
-    tasks = {}
-    for name, low in (("source", 0), ("target", 5)):
-        index = rng.permutation(np.flatnonzero((y >= low) & (y < low + 5)))
-        a, b = int(0.6 * len(index)), int(0.8 * len(index))
-        parts = {"train": index[:a], "val": index[a:b], "test": index[b:]}
-        tasks[name] = {k: (x[i], y[i] - low) for k, i in parts.items()}
-    return tasks
-
-
-def build_classifier(classes=CLASSES, blocks=BLOCKS):
-    """The encoder classifier: (batch, 8, 8) tokens -> (batch, classes)."""
-    inputs = keras.Input((8, 8), name="tokens")
-    # (batch, 8, 8) @ (8, 32) + (8, 32) -> (batch, 8, 32): position bias
-    x = keras.layers.EinsumDense(
-        "btf,fd->btd",
-        output_shape=(8, D_MODEL),
-        bias_axes="td",
-        name="token_projection",
-    )(inputs)
-    for i in range(blocks):
-        attention = keras.layers.MultiHeadAttention(
-            HEADS, D_MODEL // HEADS, name=f"block_{i}_attention"
-        )(x, x)
-        x = keras.layers.LayerNormalization(name=f"block_{i}_norm_1")(
-            x + attention
-        )
-        h = keras.layers.Dense(FFN, "relu", name=f"block_{i}_ffn_1")(x)
-        h = keras.layers.Dense(D_MODEL, name=f"block_{i}_ffn_2")(h)
-        x = keras.layers.LayerNormalization(name=f"block_{i}_norm_2")(x + h)
-    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
-    outputs = keras.layers.Dense(classes, name="head")(x)
-    return keras.Model(inputs, outputs, name="digit_transformer")
 
 
 def pretrain(tasks, seed=0, max_epochs=MAX_EPOCHS, patience=PATIENCE):

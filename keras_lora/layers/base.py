@@ -10,7 +10,8 @@ update is applied; this base holds everything else:
   the bias flag and the argument checks;
 - the `lora_` part of `get_config`;
 - the linear-map view (`kernel_matrix`, `delta_matrix`) that merging, PiSSA,
-  rank reports, extraction and adapter files use;
+  rank reports, extraction and adapter files use (in `linear_map.py`);
+- the base layer's kernel and bias arguments (in `kernel_bias.py`);
 - conversion from and to the base Keras layer (`from_base`, `to_base`,
   in `conversion.py`).
 
@@ -26,30 +27,23 @@ Sources:
 - microsoft/LoRA `loralib/layers.py` (one `LoRALayer` mixin for every kind).
 """
 
-import hashlib
 import math
-import warnings
 
 import keras
-import numpy as np
-from keras import ops
 
 from keras_lora.layers import base_bias, dora
 from keras_lora.layers.conversion import LORA_KEYS, BaseConversion  # noqa: F401
+from keras_lora.layers.kernel_bias import KernelBiasArgs
+from keras_lora.layers.linear_map import LinearMapView
+from keras_lora.layers.rank_warning import (  # noqa: F401  (re-exported)
+    RankWarning,
+    warn_if_rank_too_large,
+)
 from keras_lora.layers.remat import RematWithTraining
 from keras_lora.quant.storage import QuantizedBase
 from keras_lora.utils import checks as _checks
-from keras_lora.utils.linalg import svd_factors
 
 LORA_INITS = ("default", "gaussian", "pissa")
-
-
-def weight_fingerprint(weight):
-    """SHA-256 of a weight's float32 little-endian bytes and its shape."""
-    array = np.ascontiguousarray(ops.convert_to_numpy(weight), "<f4")
-    digest = hashlib.sha256(repr(array.shape).encode())
-    digest.update(array.tobytes())
-    return "sha256:" + digest.hexdigest()
 
 
 class SumRegularizer(keras.regularizers.Regularizer):
@@ -62,13 +56,13 @@ class SumRegularizer(keras.regularizers.Regularizer):
         return sum(r(x) for r in self.regularizers)
 
 
-class RankWarning(UserWarning):
-    """A LoRA rank above min(in, out): the extra rank only adds parameters
-    (and, with PiSSA, factor columns that stay zero)."""
-
-
 class LoRALayer(
-    BaseConversion, QuantizedBase, RematWithTraining, keras.layers.Layer
+    LinearMapView,
+    KernelBiasArgs,
+    BaseConversion,
+    QuantizedBase,
+    RematWithTraining,
+    keras.layers.Layer,
 ):
     """Base of every keras_lora layer: a frozen weight plus `scale * A @ B`.
 
@@ -175,6 +169,15 @@ class LoRALayer(
         )
         # Set by `disable_adapters`: the call computes the base alone.
         self._adapters_off = False
+        # Whether `build` may still warn of the rank (`rank_warning.py`):
+        # False once it has, and for a layer rebuilt from its config.
+        self._warn_rank = True
+
+    @classmethod
+    def from_config(cls, config):
+        layer = super().from_config(config)
+        layer._warn_rank = False  # a reload or copy: warned when first built
+        return layer
 
     @property
     def scale(self):
@@ -229,60 +232,7 @@ class LoRALayer(
         return SumRegularizer(*found)
 
     def _warn_if_rank_too_large(self, fan_in, fan_out):
-        if self.rank > min(fan_in, fan_out):
-            warnings.warn(
-                f"{type(self).__name__} '{self.name}': rank={self.rank} is "
-                f"larger than min(in, out) = min({fan_in}, {fan_out}), the "
-                "largest rank its update can have; the extra rank only adds "
-                "parameters.",
-                RankWarning,
-                stacklevel=3,
-            )
-
-    def _add_bias(self, shape, initializer, regularizer, constraint):
-        return self.add_weight(
-            name="bias",
-            shape=tuple(shape),
-            initializer=initializer,
-            regularizer=regularizer,
-            constraint=constraint,
-            trainable=self.train_bias,
-        )
-
-    def _keep_kernel_and_bias_args(
-        self,
-        kernel_initializer,
-        bias_initializer,
-        kernel_regularizer,
-        bias_regularizer,
-        bias_constraint,
-    ):
-        """One attribute per kernel and bias argument of the base layer."""
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
-
-    def _kernel_and_bias_config(self):
-        return {
-            "kernel_initializer": keras.initializers.serialize(
-                self.kernel_initializer
-            ),
-            "bias_initializer": keras.initializers.serialize(
-                self.bias_initializer
-            ),
-            "kernel_regularizer": keras.regularizers.serialize(
-                self.kernel_regularizer
-            ),
-            "bias_regularizer": keras.regularizers.serialize(
-                self.bias_regularizer
-            ),
-            "kernel_constraint": None,
-            "bias_constraint": keras.constraints.serialize(
-                self.bias_constraint
-            ),
-        }
+        warn_if_rank_too_large(self, fan_in, fan_out)
 
     def _bias_for_call(self):
         """The bias the call adds: inside `disable_adapters`, the base's
@@ -333,105 +283,3 @@ class LoRALayer(
             "double_quant": self.double_quant,
             "use_dora": self.use_dora,
         }
-
-    # The linear-map view: every kind's frozen weight is a matrix
-    # (in_features, out_features) up to a fixed permutation and reshape.
-
-    @property
-    def frozen_weight(self):
-        """The frozen base weight (`kernel`, or `embeddings`)."""
-        return getattr(self, self.frozen_name)
-
-    def _to_matrix(self, kernel):
-        # (*in_axes, *out_axes) -> (in_features, out_features)
-        fan_in = math.prod(self.lora_a.shape[:-1])
-        return ops.reshape(kernel, (fan_in, -1))
-
-    def _from_matrix(self, matrix):
-        return ops.reshape(matrix, self.frozen_shape)
-
-    def kernel_matrix(self):
-        """The frozen weight as an (in_features, out_features) matrix."""
-        self._require_built("kernel_matrix")
-        return self._to_matrix(self.dequantized_frozen_weight())
-
-    def delta_matrix(self):
-        """`scale * A @ B` as an (in_features, out_features) matrix."""
-        self._require_built("delta_matrix")
-        # (in, r) @ (r, out) -> (in, out)
-        a = ops.reshape(self.lora_a, (-1, self.rank))
-        b = ops.reshape(self._lora_b(), (self.rank, -1))
-        return ops.multiply(ops.matmul(a, b), self.scale)
-
-    def _merged_for_call(self):
-        """`W + scale * A @ B` in the weight's shape and the call's dtype;
-        differentiable in A and B, not in W (`inference_merge`)."""
-        kernel = ops.stop_gradient(self._frozen_for_call())
-        delta = self._from_matrix(self.delta_matrix())
-        return ops.add(kernel, ops.cast(delta, kernel.dtype))
-
-    def _lora_b(self):
-        """`lora_b` as the call uses it: with named adapters
-        (`keras_lora.adapters.named`), each rank's row times its scale."""
-        scales = getattr(self, "adapter_scales", None)
-        if scales is None:
-            return self.lora_b
-        # (r, *out) * (r, 1, ..., 1)
-        shape = (-1,) + (1,) * (len(self.lora_b.shape) - 1)
-        return ops.multiply(self.lora_b, ops.reshape(scales, shape))
-
-    def merged_kernel(self):
-        """Returns the frozen weight plus the update, in the weight's shape."""
-        self._require_built("merged_kernel")
-        if self.use_dora:
-            merged = self._from_matrix(dora.merged_matrix(self))
-            return ops.cast(merged, self.kernel_matrix().dtype)
-        delta = self._from_matrix(self.delta_matrix())
-        weight = self.frozen_weight
-        if self.base_dtype is not None:  # merged in float32
-            weight = self.dequantized_frozen_weight()
-        return ops.add(weight, ops.cast(delta, weight.dtype))
-
-    def pissa_split(self):
-        """Folds the current update in, then moves the top-`rank` singular
-        part of the result into the factors.
-
-        After the call the frozen weight holds the residual and
-        `scale * lora_a @ lora_b` the best rank-`rank` approximation of the
-        merged weight, so the layer's output is unchanged up to rounding,
-        whether or not the layer has trained.
-        """
-        self._require_built("pissa_split")
-        self._refuse_split_of_int_base()
-        merged_kernel = self.merged_kernel()
-        merged = self._to_matrix(merged_kernel)
-        a, b = svd_factors(merged, self.rank, self.scale)
-        # (in, r) @ (r, out) -> (in, out)
-        residual = ops.subtract(
-            ops.cast(merged, "float32"), self.scale * ops.matmul(a, b)
-        )
-        self.frozen_weight.assign(self._from_matrix(residual))
-        self.lora_a.assign(ops.reshape(a, self.lora_a.shape))
-        self.lora_b.assign(ops.reshape(b, self.lora_b.shape))
-        self.pissa_fingerprint = weight_fingerprint(merged_kernel)
-        if self.use_dora:  # DoRA's merge is folded in: m = its column norms
-            dora.reset_magnitude(self)
-
-    def base_fingerprint(self):
-        """The fingerprint of the frozen weight the factors belong to: the
-        weight before the PiSSA split if there was one, else the weight."""
-        if self.pissa_fingerprint is not None:
-            return self.pissa_fingerprint
-        if self.base_dtype not in (None, "float32"):
-            return self.stored_fingerprint()
-        return weight_fingerprint(self.frozen_weight)
-
-    def _require_built(self, method):
-        # During `build`, once the factors exist (DoRA's magnitude reads
-        # the weights as it is created), the weights are there to use.
-        if not self.built and getattr(self, "lora_b", None) is None:
-            raise ValueError(
-                f"{type(self).__name__} '{self.name}' is not built, so "
-                f"`{method}()` has no weights to use. Call the layer on an "
-                "input or call `layer.build(input_shape)` first."
-            )

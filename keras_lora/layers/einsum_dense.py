@@ -2,64 +2,19 @@
 low-rank update of its linear map, from its contracted to its output axes
 (Keras's built-in EinsumDense LoRA factorises only the kernel's last axis).
 
-Shapes follow `_analyze_einsum_string` in Keras's
-`keras/src/layers/core/einsum_dense.py`.
+The equation's parsing and shapes are in `einsum_equation.py`.
 """
 
 import math
-import re
 import string
 
 import keras
 from keras import ops
 
 from keras_lora.layers import dora, inference_merge
+from keras_lora.layers import einsum_equation as _equation
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.dense import refuse_kernel_constraint
-
-# (pattern, side of the ellipsis), tried in Keras's order.
-_EQUATIONS = (
-    (r"([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]+)", None),
-    (r"\.\.\.([a-zA-Z]+),([a-zA-Z]+)->\.\.\.([a-zA-Z]+)", "left"),
-    (r"([a-zA-Z]{2,})\.\.\.,([a-zA-Z]+)->([a-zA-Z]+)\.\.\.", "right"),
-)
-
-
-def _parse(equation, bias_axes):
-    """Returns (input, kernel, output, ellipsis side) letters, or raises."""
-    for pattern, side in _EQUATIONS:
-        match = re.fullmatch(pattern, str(equation))
-        if match:
-            break
-    else:
-        raise ValueError(
-            "Expected an einsum equation 'X,Y->Z', '...X,Y->...Z' or "
-            f"'X...,Y->Z...'. Received: equation={equation!r}"
-        )
-    inp, ker, out = match.groups()
-
-    def refuse(axis, why):
-        raise ValueError(
-            f"Cannot factor equation={equation!r}: axis '{axis}' {why}. "
-            "Expected every kernel axis to be contracted (in the input only) "
-            "or an output axis (in the output only)."
-        )
-
-    for axis in ker:
-        if axis in inp and axis in out:
-            refuse(axis, "is in the input and the output (a batched kernel)")
-        if axis not in inp and axis not in out:
-            refuse(axis, "is in neither the input nor the output")
-    for axis in out:
-        if axis not in inp and axis not in ker:
-            refuse(axis, "of the output is in neither the input nor kernel")
-    for axis in bias_axes or "":
-        if axis not in out:
-            raise ValueError(
-                f"Expected every bias axis in the output '{out}' of "
-                f"equation={equation!r}. Received: bias_axes={bias_axes!r}"
-            )
-    return inp, ker, out, side
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -137,7 +92,7 @@ class LoRAEinsumDense(LoRALayer):
         bias_constraint=None,
         **kwargs,
     ):
-        inp, ker, out, side = _parse(equation, bias_axes)
+        inp, ker, out, side = _equation.parse(equation, bias_axes)
         refuse_kernel_constraint(kwargs.get("name"), kernel_constraint)
         super().__init__(rank=rank, alpha=alpha, dropout=dropout, **kwargs)
         self.equation = equation
@@ -177,42 +132,7 @@ class LoRAEinsumDense(LoRALayer):
 
     def _shapes(self, input_shape):
         """Returns (kernel, bias or None, full output) shapes, as Keras."""
-        inp, ker, out, side = self._specs
-        named = len(out) if side == "left" else len(out) - 1  # as Keras
-        if len(self.partial_output_shape) != named:
-            raise ValueError(
-                f"Expected `output_shape` to give {named} output axes "
-                f"(not the batch axis) for equation={self.equation!r}. "
-                f"Received: output_shape={self.partial_output_shape}"
-            )
-        input_shape = tuple(input_shape)
-        elided = len(input_shape) - len(inp)
-        full = [input_shape[0], *self.partial_output_shape]
-        if elided > 0 and side == "left":
-            # Keras inserts these reversed; einsum keeps their order.
-            full[1:1] = input_shape[1:elided]
-        elif elided > 0:
-            full += input_shape[len(inp) :]
-        shift = elided if side == "left" else 0
-        in_dims = {a: input_shape[i + shift] for i, a in enumerate(inp)}
-        for i, a in enumerate(out):
-            if full[i + shift] is None:  # Keras leaves these None.
-                full[i + shift] = in_dims.get(a)
-        dims = {a: full[i + shift] for i, a in enumerate(out)}
-        kernel = [dims[a] if a in out else in_dims[a] for a in ker]
-        if None in kernel:
-            raise ValueError(
-                f"{type(self).__name__} '{self.name}' needs every kernel "
-                f"dimension known. Received: input_shape={input_shape}, "
-                f"output_shape={self.partial_output_shape} for "
-                f"equation={self.equation!r}"
-            )
-        bias = None
-        if self.bias_axes:
-            first = min(out.find(a) for a in self.bias_axes)
-            bias = [dims[a] if a in self.bias_axes else 1 for a in out[first:]]
-            bias += [1] * (elided if side != "left" else 0)
-        return kernel, bias, full
+        return _equation.shapes(self, input_shape)
 
     def build(self, input_shape):
         kernel_shape, bias_shape, _ = self._shapes(input_shape)
