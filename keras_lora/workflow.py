@@ -126,6 +126,7 @@ def adapt(
     _tree.require_model(model)
     selected = targets_.select(model, targets)
     keep = targets_.keep_paths(model, keep_trainable)
+    selected = targets_.without_kept(selected, keep, targets)
     rank_of = targets_.per_layer(
         "rank", rank, selected, 8, _checks.positive_int
     )

@@ -56,6 +56,7 @@ from keras_lora.adapters.named_state import (
     sync,
 )
 from keras_lora.layers import base_bias, slots
+from keras_lora.model import kept
 from keras_lora.model import targets as targets_
 from keras_lora.utils import checks as _checks
 
@@ -211,9 +212,9 @@ def disable_adapters(model):
     bias trains and whose base bias is unknown (built without `from_base`
     / `apply_lora`, or loaded from a file saved by an older keras_lora),
     and inside another `disable_adapters` block. A kept layer's base
-    weights live in memory only: a model loaded from a `.keras` file does
-    not know which layers were kept, and computes with their trained
-    weights inside the block.
+    weights live in memory only: on a model loaded from a `.keras` file
+    with kept layers it raises `ValueError` naming them, rather than
+    compute with their trained weights.
 
     Example:
 
@@ -230,6 +231,7 @@ def disable_adapters(model):
     refuse_unsupported(
         layers, "`disable_adapters` does not support", dora=False
     )
+    kept.refuse_unknown(model, "disable_adapters")
     unknown = [
         p
         for p, x in layers.items()

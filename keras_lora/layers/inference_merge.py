@@ -90,7 +90,12 @@ def static_tokens(shape, in_features):
     flattens to, or None if a dimension is unknown."""
     if any(dim is None for dim in shape):
         return None
-    return math.prod(int(dim) for dim in shape) // in_features
+    try:
+        return math.prod(int(dim) for dim in shape) // in_features
+    except Exception:
+        # A symbolic size (JAX's shape polymorphism while Keras infers an
+        # output shape) raises its own error on `int()` instead of None.
+        return None
 
 
 def merges_on_the_fly(tokens, in_features, training):

@@ -11,6 +11,7 @@ from keras_lora.layers import LoRALayer
 from keras_lora.model import tree as _tree
 
 KEPT = "_lora_kept_base"  # on a kept layer: [(variable, base value)]
+UNKNOWN = "_lora_kept_base_unknown"  # on a kept layer whose base is not known
 
 
 def snapshot_kept(model, paths):
@@ -40,3 +41,28 @@ def kept_layers(model):
             current = {id(v) for v in layer.weights}
             out.append((layer, [m for m in mapping if id(m[0]) in current]))
     return out
+
+
+def mark_unknown(model, paths):
+    """Marks the layers at `paths` as kept trainable with an unknown base:
+    a model loaded from a file, which holds only their trained weights."""
+    layers = dict(_tree.walk(model))
+    for path in paths:
+        layers[path].__dict__[UNKNOWN] = True
+
+
+def refuse_unknown(model, caller):
+    """Raises `ValueError` naming the kept layers whose base is unknown."""
+    paths = [
+        path
+        for path, layer in _tree.walk(model)
+        if layer.__dict__.get(UNKNOWN) and not layer.__dict__.get(KEPT)
+    ]
+    if paths:
+        raise ValueError(
+            f"Cannot call `{caller}` on '{model.name}': the layers it keeps "
+            f"fully trainable ({', '.join(paths)}) trained in place, and "
+            "their base weights are not known to a model loaded from a "
+            "file. Call it on the model `apply_lora` returned, or rebuild "
+            "the model from its base (`apply_adapters`)."
+        )

@@ -24,6 +24,7 @@ import keras
 
 from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.model import freeze as _freeze
+from keras_lora.model import kept
 from keras_lora.model import tree as _tree
 
 _PLAIN = ("Functional.get_config", "Sequential.get_config")
@@ -82,6 +83,12 @@ class AdaptedModel:
             "keep_trainable": list(self._keras_lora_keep),
         }
 
+    def __reduce__(self):
+        # Keras pickles a model as its `.keras` bytes and a classmethod of
+        # its class; this class has no importable name, the loader has.
+        _, args = super().__reduce__()
+        return (_unpickle, args)
+
     def save(self, *args, **kwargs):
         # Keras opens the file before it asks for the config: check first,
         # so a refused save writes nothing.
@@ -133,6 +140,10 @@ def _check_rebuildable(model, base):
             "(`save_adapters`) and apply them to a rebuilt base "
             "(`apply_adapters`)."
         ) from None
+
+
+def _unpickle(buffer):
+    return keras.Model._unpickle_model(buffer)
 
 
 _CLASSES = {}
@@ -205,5 +216,7 @@ def restore(model, layers, keep):
             new = keras.saving.deserialize_keras_object(config)
         replacements[record["path"]] = (found, new)
     _tree.swap_all(model, replacements)
-    _freeze.freeze_all_but_lora(model, keep)
+    if layers:  # a merged model's record holds none: freeze nothing
+        _freeze.freeze_all_but_lora(model, keep)
+        kept.mark_unknown(model, keep)
     mark(model, keep)

@@ -138,3 +138,29 @@ def keep_paths(model, keep_trainable):
             f"{unknown!r}."
         )
     return paths
+
+
+def without_kept(selected, keep, targets):
+    """Leaves the layers kept fully trainable (and what they hold) out of
+    `selected`: a kept layer trains whole, so it is not also adapted.
+    Naming one in a list of `targets` is refused."""
+    kept = [
+        p
+        for p in selected
+        if any(p == k or p.startswith(k + "/") for k in keep)
+    ]
+    if kept and isinstance(targets, (list, tuple, set)):
+        raise ValueError(
+            "Expected `targets` and `keep_trainable` to name different "
+            f"layers. Received: targets={list(targets)!r} and "
+            f"keep_trainable, which both name {kept!r}; a kept layer trains "
+            "whole."
+        )
+    left = {p: x for p, x in selected.items() if p not in kept}
+    if not left:
+        raise ValueError(
+            f"Expected `targets` to match at least one layer not kept "
+            f"trainable. Received: targets={targets!r}, which matches only "
+            f"layers in keep_trainable ({kept!r})."
+        )
+    return left

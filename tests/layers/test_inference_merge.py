@@ -312,3 +312,19 @@ def test_einsum_merges_like_its_factorised_call(
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+class _Holder(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = LoRADense(3, rank=2)
+
+    def call(self, x):
+        return self.inner(x)
+
+
+def test_a_lora_layer_in_a_custom_layer_builds_on_a_symbolic_input():
+    # Under JAX, Keras infers the output shape with a symbolic batch size
+    # that `int()` refuses; the token count is then unknown, not an error.
+    out = _Holder()(keras.Input((5,)))
+    assert tuple(out.shape) == (None, 3)
