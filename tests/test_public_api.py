@@ -1,0 +1,47 @@
+"""The public API: every name `keras_lora.__all__` held before the package
+was split into subpackages still imports from `keras_lora` itself."""
+
+import subprocess
+import sys
+
+import keras_lora
+
+BEFORE_THE_SPLIT = [
+    "AdapterMismatchError", "LayerComparison", "LoRAConv1D", "LoRAConv2D",
+    "LoRADense", "LoRAEinsumDense", "LoRAEmbedding", "LoRALayer",
+    "LoRAReversibleEmbedding", "MultiAdapterModel", "ParameterComparison",
+    "ParameterCount", "RankReport", "RankWarning", "active_adapters",
+    "add_adapter", "apply_adapters", "apply_lora", "base_bytes_per_parameter",
+    "base_storage_bytes", "build_baseline_model", "build_lora_model",
+    "build_multi_adapter_model", "combine_adapters", "compare_parameters",
+    "copy_model", "count_parameters", "delete_adapter",
+    "dense_parameter_count", "disable_adapters", "extract_lora",
+    "kernel_fingerprint", "layer_matrix", "list_adapters", "load_adapters",
+    "load_peft_adapters", "lora_layout_map", "lora_parameter_count",
+    "merge_lora", "print_trainable_parameters", "rank_report",
+    "read_adapters", "read_peft_adapters", "save_adapters",
+    "save_peft_adapters", "set_adapter",
+]  # fmt: skip
+
+
+def test_every_name_before_the_split_is_public_still():
+    assert sorted(keras_lora.__all__) == sorted(BEFORE_THE_SPLIT)
+    namespace = {}
+    for name in BEFORE_THE_SPLIT:
+        exec(f"from keras_lora import {name}", namespace)  # noqa: S102
+        assert namespace[name] is getattr(keras_lora, name)
+        assert callable(namespace[name])
+
+
+def test_import_keras_lora_registers_the_saved_classes():
+    # In a fresh process, whichever is imported first.
+    for order in ("import keras_lora, keras", "import keras, keras_lora"):
+        code = (
+            f"{order}; print(keras.saving.get_registered_object("
+            "'keras_lora>LoRADense').__name__, keras.saving."
+            "get_registered_object('keras_lora>AdaptedModel') is not None)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True
+        ).stdout.split()
+        assert out[-2:] == ["LoRADense", "True"], order
