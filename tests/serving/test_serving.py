@@ -346,7 +346,7 @@ def test_bad_paths_are_refused(served, tmp_path):
 
 def test_file_of_another_base_is_refused_listing_problems(served, tmp_path):
     base, paths = served["dense"]
-    other = dense_base()  # same architecture, other weights
+    other = _perturb(dense_base(), 99)  # same architecture, other weights
     foreign = _files(other, [(2, None)], tmp_path)[0]
     before = [_np(w).copy() for w in base.weights]
     with pytest.raises(AdapterMismatchError) as info:
