@@ -17,7 +17,7 @@ models, layers of nested models, and layers nested in custom layers
 
 from keras_lora.layers import lora_class_for
 from keras_lora.model import freeze as _freeze
-from keras_lora.model import kept
+from keras_lora.model import kept, positions
 from keras_lora.model import saved as _saved
 from keras_lora.model import targets as targets_
 from keras_lora.model import tree as _tree
@@ -137,12 +137,12 @@ def adapt(
     clone = model if inplace else copy_model(model)
     # The copy's layers are found by position: a subclassed model's copy
     # has other generated names (`dense_2` for `dense`).
-    where = _tree.positions(model)
-    path_at = {pos: p for p, pos in _tree.positions(clone).items()}
+    where = positions.positions(model)
+    path_at = {pos: p for p, pos in positions.positions(clone).items()}
     keep = [path_at[where[k]] for k in keep]
     replacements = {}
     for path, layer in selected.items():
-        old = _tree.at(clone, where[path])
+        old = positions.at(clone, where[path])
         with _tree.name_scope_of(path):
             new = lora_class_for(old).from_base(
                 old,

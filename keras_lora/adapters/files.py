@@ -27,6 +27,7 @@ from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.layers.fingerprint import (
     weight_fingerprint as kernel_fingerprint,
 )
+from keras_lora.model import positions
 from keras_lora.model import tree as _tree
 
 FORMAT = "keras_lora.adapters"
@@ -226,7 +227,7 @@ def _current_paths(model, saved):
     unknown is found at its recorded position, if a layer of its kind
     sits there."""
     known = dict(_tree.walk(model))
-    path_at = {pos: p for p, pos in _tree.positions(model).items()}
+    path_at = {pos: p for p, pos in positions.positions(model).items()}
     out = {}
     for path, (record, arrays) in saved.items():
         head, _, rest = path.partition("/")

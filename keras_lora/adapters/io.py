@@ -18,6 +18,7 @@ from keras_lora.adapters.files import (
     _record,
     read_adapters,
 )
+from keras_lora.model import positions
 from keras_lora.model import tree as _tree
 from keras_lora.workflow import adapt
 
@@ -44,7 +45,7 @@ def save_adapters(model, path, name=None):
     """
     layers = _tree.lora_layers(model)
     path = os.fspath(path)
-    where = _tree.positions(model)
+    where = positions.positions(model)
     entries = _named_files.entries(model, name) or [
         (_record(p, x, where[p]), _arrays(x, _record(p, x)))
         for p, x in layers.items()

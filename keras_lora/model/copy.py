@@ -5,6 +5,7 @@ train-step buffers would otherwise destroy)."""
 import keras
 import numpy as np
 
+from keras_lora.model import positions
 from keras_lora.model import tree as _tree
 
 
@@ -50,7 +51,7 @@ def _structure(model):
     """Each layer's position and class (names Keras generates may differ),
     a task's preprocessor left out: it builds its layers on first call,
     and the copy shares the source's."""
-    where = _tree.positions(model)
+    where = positions.positions(model)
     pre = getattr(model, "preprocessor", None)
     skip = (
         {id(x) for x in ([pre] + [x for _, x in _tree.walk(pre)])}

@@ -52,13 +52,12 @@ def forget_compilation(model):
     using the model" until it is compiled again (as Keras asks after
     `enable_lora`), never silently training the old weights with an
     optimizer built for them. `predict` and `generate` retrace."""
-    for name in _CACHED:
-        if hasattr(model, name):
-            setattr(model, name, None)
-    if getattr(model, _GENERATE, None) is not None:
-        setattr(model, _GENERATE, None)
-    if getattr(model, "compiled", False):
-        model.compiled = False
-    for _, layer in _tree.walk(model):
-        if isinstance(layer, keras.Model):
-            forget_compilation(layer)
+    nested = [x for _, x in _tree.walk(model) if isinstance(x, keras.Model)]
+    for each in [model] + nested:
+        for name in _CACHED:
+            if hasattr(each, name):
+                setattr(each, name, None)
+        if getattr(each, _GENERATE, None) is not None:
+            setattr(each, _GENERATE, None)
+        if getattr(each, "compiled", False):
+            each.compiled = False

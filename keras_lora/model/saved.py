@@ -24,7 +24,7 @@ import keras
 
 from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.model import freeze as _freeze
-from keras_lora.model import kept
+from keras_lora.model import kept, positions
 from keras_lora.model import tree as _tree
 
 _PLAIN = ("Functional.get_config", "Sequential.get_config")
@@ -69,7 +69,7 @@ class AdaptedModel:
         build_config = self.get_build_config()
         if build_config is not None:
             config["build_config"] = build_config
-        where = _tree.positions(self)
+        where = positions.positions(self)
         return {
             "base": config,
             "lora_layers": [
@@ -199,7 +199,7 @@ def restore(model, layers, keep):
     position, so names Keras generated anew do not matter."""
     replacements = {}
     for record in layers:
-        found = _tree.at(model, record["position"])
+        found = positions.at(model, record["position"])
         config = dict(record["layer"])
         if isinstance(found, LoRALayer):
             continue

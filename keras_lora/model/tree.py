@@ -78,30 +78,6 @@ def visit(model):
     yield from down(model, "")
 
 
-def positions(model):
-    """`{path: (i, j, ...)}`: where each layer under `model` sits as child
-    indices, level by level. A model rebuilt from the same code has its
-    layers at the same positions whatever names Keras generated."""
-    where = {id(model): ()}
-    out = {}
-    for path, layer, parent in visit(model):
-        index = next(i for i, x in enumerate(children(parent)) if x is layer)
-        where[id(layer)] = where[id(parent)] + (index,)
-        out[path] = where[id(layer)]
-    return out
-
-
-def at(model, position):
-    """The layer at `position` (see `positions`), or None."""
-    layer = model
-    for index in position:
-        found = children(layer)
-        if not 0 <= index < len(found):
-            return None
-        layer = found[index]
-    return layer
-
-
 def walk(model):
     """Yields `(path, layer)` for every layer under `model`, depth first,
     each layer once (at the first path it is reached by).
