@@ -57,13 +57,12 @@ class AdaptedModel:
 
     def get_config(self):
         base = type(self)._keras_lora_base
-        _check_rebuildable(self, base)
+        base_config = base.get_config(self)
+        _check_rebuildable(self, base, base_config)
         config = {
             "module": base.__module__,
             "class_name": base.__name__,
-            "config": keras.saving.serialize_keras_object(
-                base.get_config(self)
-            ),
+            "config": keras.saving.serialize_keras_object(base_config),
             "registered_name": keras.saving.get_registered_name(base),
         }
         build_config = self.get_build_config()
@@ -117,7 +116,7 @@ class AdaptedModel:
         )
 
 
-def _check_rebuildable(model, base):
+def _check_rebuildable(model, base, config=None):
     """Raises at save time, before anything is written, where Keras could
     not rebuild `base` from its config at load time: `from_config` is
     Keras's own (`cls(**config)`) and `__init__` does not take the keys."""
@@ -129,8 +128,10 @@ def _check_rebuildable(model, base):
         return
     if getattr(base.get_config, "__qualname__", "") in _PLAIN:
         return  # Functional and Sequential configs rebuild the graph
+    if config is None:
+        config = base.get_config(model)
     try:
-        inspect.signature(base.__init__).bind(model, **base.get_config(model))
+        inspect.signature(base.__init__).bind(model, **config)
     except TypeError as error:
         raise ValueError(
             f"Cannot save '{model.name}' ({base.__name__}) with its LoRA "
