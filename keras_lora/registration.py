@@ -13,11 +13,29 @@ that imports Keras must finish before the others import it in turn).
 import importlib
 import importlib.abc
 import sys
+import warnings
 
 
 def _import_all(modules):
     for module in modules:
         importlib.import_module(module)
+
+
+def _import_all_quietly(modules):
+    """As `_import_all`, from inside the user's `import keras`: a keras_lora
+    module that fails to import is reported as a warning, not raised from
+    `import keras`, and the others are still imported (using the failing
+    one's names raises its error again)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as error:
+            warnings.warn(
+                f"keras_lora could not import {module} ({error!r}); its "
+                "saved classes are not registered with Keras.",
+                ImportWarning,
+                stacklevel=2,
+            )
 
 
 class _Registrar(importlib.abc.MetaPathFinder):
@@ -64,7 +82,7 @@ class _Registrar(importlib.abc.MetaPathFinder):
         ):
             return
         sys.meta_path.remove(self)
-        _import_all(self.modules)
+        _import_all_quietly(self.modules)
 
 
 def register_with_keras(modules):

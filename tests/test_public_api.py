@@ -45,3 +45,26 @@ def test_import_keras_lora_registers_the_saved_classes():
             [sys.executable, "-c", code], capture_output=True, text=True
         ).stdout.split()
         assert out[-2:] == ["LoRADense", "True"], order
+
+
+def test_a_module_that_fails_to_import_does_not_break_import_keras():
+    code = (
+        "import sys, warnings; sys.modules['keras_lora.lowrank'] = None; "
+        "import keras_lora\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import keras\n"
+        "print([str(x.message).split(' (')[0] for x in w "
+        "if x.category is ImportWarning], keras.saving."
+        "get_registered_object('keras_lora>LoRADense').__name__)"
+    )
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True
+        )
+        .stdout.strip()
+        .splitlines()
+    )
+    assert out[-1] == (
+        "['keras_lora could not import keras_lora.lowrank'] LoRADense"
+    )

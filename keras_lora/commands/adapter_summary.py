@@ -103,9 +103,14 @@ def _read_keras_lora(path):
 
 
 def _safetensors_header(path):
+    size = os.path.getsize(path)
     with open(path, "rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
+        if length > size - 8:  # a git-lfs pointer, a truncated file
+            raise ValueError(f"{PEFT_WEIGHTS} is not a safetensors file")
         header = json.loads(file.read(length))
+    if not isinstance(header, dict):
+        raise ValueError(f"{PEFT_WEIGHTS} has no safetensors header")
     header.pop("__metadata__", None)
     return {name: info["shape"] for name, info in header.items()}
 
@@ -176,7 +181,14 @@ def summarize(path):
         )
     try:
         summary = read(path)
-    except (OSError, KeyError, TypeError, ValueError, struct.error) as error:
+    except (
+        OSError,
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        struct.error,
+    ) as error:
         raise ValueError(
             f"Expected a keras_lora adapter file (HDF5, format '{FORMAT}') "
             f"or a PEFT folder. Received: '{path}', which could not be read "

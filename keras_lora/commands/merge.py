@@ -4,6 +4,7 @@ keras_lora). Every check that needs no Keras runs first, and nothing is
 written unless the adapters fit the model."""
 
 import os
+import tempfile
 
 from keras_lora.commands.rank_report import check_keras_file
 from keras_lora.utils.argtypes import UsageError
@@ -42,6 +43,12 @@ def _check(args):
         raise UsageError(
             f"Expected -o to end in .keras. Received: '{args.output}'."
         )
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder) or os.path.isdir(args.output):
+        raise UsageError(
+            f"Expected -o to name a file in an existing folder. Received: "
+            f"'{args.output}'."
+        )
     if os.path.exists(args.output) and not args.overwrite:
         raise UsageError(
             f"Expected -o to name a new file. Received: '{args.output}', "
@@ -54,7 +61,7 @@ def run(args):
     import keras
 
     from keras_lora.adapters.files import AdapterMismatchError
-    from keras_lora.adapters.io import apply_adapters
+    from keras_lora.adapters.io import _umask, apply_adapters
     from keras_lora.workflow import merge_lora
 
     try:
@@ -76,5 +83,17 @@ def run(args):
         ) from None
     except ValueError as error:  # Not an adapter file.
         raise UsageError(str(error).replace("\n", " ")) from None
-    merge_lora(lora, inplace=True).save(args.output)
+    merged = merge_lora(lora, inplace=True)
+    # A temporary file beside OUT, then a rename: a failed save (a full
+    # disk) leaves no partial OUT and any earlier one whole.
+    folder = os.path.dirname(os.path.abspath(args.output))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".merge-", suffix=".keras")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        merged.save(tmp)
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return f"Saved the merged model to {args.output}"

@@ -103,7 +103,9 @@ def add_arguments(parser):
         "--depths",
         type=positive_ints,
         help="the depths probed for every method, at least 2 (default: "
-        "per method, " + ", ".join(f"{k} {v}" for k, v in DEPTHS.items()),
+        "per method, "
+        + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in DEPTHS.items())
+        + ")",
     )
     parser.add_argument(
         "--methods",

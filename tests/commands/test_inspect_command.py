@@ -128,6 +128,7 @@ def test_peft_folder(capsys, tmp_path):
         (lambda p: _h5_without_header(p), "no keras_lora adapter header"),
         (lambda p: p, "has no adapter_config.json"),
         (lambda p: _write(p / "model.keras", b"PK"), "could not be read"),
+        (lambda p: _lfs_pointer(p), "not a safetensors file"),
     ],
 )
 def test_not_an_adapter_is_one_line_status_2(capsys, tmp_path, make, needle):
@@ -168,3 +169,15 @@ def test_inspect_does_not_import_keras(files):
     )
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
+
+
+def _lfs_pointer(folder):
+    # A PEFT folder cloned without git-lfs: the weights are a text pointer.
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8})
+    )
+    _write(
+        folder / "adapter_model.safetensors",
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n",
+    )
+    return folder

@@ -128,6 +128,8 @@ def test_adapters_of_another_model_list_every_problem(capsys, files, tmp_path):
         ("missing-adapters", "does not exist"),
         ("not-adapters", "keras_lora adapter file"),
         ("bad-output-suffix", "to end in .keras"),
+        ("output-in-missing-folder", "in an existing folder"),
+        ("output-is-a-folder", "in an existing folder"),
     ],
 )
 def test_bad_inputs_one_line_status_2(capsys, files, tmp_path, which, needle):
@@ -143,10 +145,45 @@ def test_bad_inputs_one_line_status_2(capsys, files, tmp_path, which, needle):
         adapters = str(tmp_path / "nope.h5")
     elif which == "not-adapters":
         adapters = model
+    elif which == "output-in-missing-folder":
+        out_path = str(tmp_path / "nope" / "merged.keras")
+    elif which == "output-is-a-folder":
+        out_path = str(tmp_path / "dir.keras")
+        (tmp_path / "dir.keras").mkdir()
     else:
         out_path = str(tmp_path / "merged.h5")
     status, out, err = run(capsys, "merge", model, adapters, "-o", out_path)
     assert status == 2 and out == ""
     assert err.startswith("keras-lora: error: ") and needle in err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []
+    made = [p.name for p in tmp_path.iterdir()]
+    assert made == (["dir.keras"] if which == "output-is-a-folder" else [])
+
+
+def test_a_failed_save_keeps_the_earlier_output(
+    capsys, files, tmp_path, monkeypatch
+):
+    # A save that fails midway (a full disk, say) after writing part.
+    folder, _ = files
+    out_path = tmp_path / "merged.keras"
+    out_path.write_bytes(b"keep me")
+
+    def partial_save(self, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PK partial")
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(keras.Model, "save", partial_save)
+    with pytest.raises(OSError, match="too large"):
+        main(
+            [
+                "merge",
+                str(folder / "base.keras"),
+                str(folder / "adapters.lora.h5"),
+                "-o",
+                str(out_path),
+                "--overwrite",
+            ]
+        )
+    assert out_path.read_bytes() == b"keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["merged.keras"]
