@@ -1,9 +1,11 @@
 """The serving layers of each kind: Dense, EinsumDense, Embedding and
-ReversibleEmbedding (the method is in `keras_lora.serving.layers`)."""
+ReversibleEmbedding (the method is in `keras_lora.serving.layers`; the
+convolutions are in `keras_lora.serving.conv`)."""
 
 import keras
 from keras import ops
 
+from keras_lora.serving.conv import MultiAdapterConv1D, MultiAdapterConv2D
 from keras_lora.serving.layers import MultiAdapterLayer
 
 
@@ -106,6 +108,18 @@ class MultiAdapterEinsumDense(MultiAdapterLayer):
             update = ops.einsum(self._up, x_r, b)
         return self._add_bias(ops.add(outputs, update), ids)
 
+    def _scale_units(self, outputs, rows):
+        # (b, *outputs in kernel order) -> placed among the output's axes
+        spec = self._up.split("->")[1]
+        units = self._up.split(",")[1].split("->")[0][1:]
+        lettered = spec.replace("...", "")
+        axes = spec.replace("...", "." * (len(outputs.shape) - len(lettered)))
+        order = sorted(range(len(units)), key=lambda i: axes.index(units[i]))
+        size = dict(zip(units, rows.shape[1:]))
+        rows = ops.transpose(rows, (0, *[i + 1 for i in order]))
+        shape = [-1] + [size.get(axis, 1) for axis in axes[1:]]
+        return ops.multiply(outputs, ops.reshape(rows, shape))
+
 
 @keras.saving.register_keras_serializable(package="keras_lora")
 class MultiAdapterEmbedding(MultiAdapterLayer):
@@ -203,4 +217,6 @@ SERVING_LAYERS = {
     "LoRAEinsumDense": MultiAdapterEinsumDense,
     "LoRAEmbedding": MultiAdapterEmbedding,
     "LoRAReversibleEmbedding": MultiAdapterReversibleEmbedding,
+    "LoRAConv1D": MultiAdapterConv1D,
+    "LoRAConv2D": MultiAdapterConv2D,
 }

@@ -25,6 +25,9 @@ README says which wins where.
 An adapter whose file trains the bias has its own bias row; the rows are
 gathered per example (row N is the base's bias, for id -1).
 
+A layer with a DoRA adapter also keeps `dora_factors` `(N + 1, *out)`,
+each example's pre-bias output scaled by its row (`keras_lora.serving.dora`).
+
 The ids come from the serving model (`keras_lora.serving.model`), which hands
 them to every serving layer of its pass; a layer called alone takes them as
 the `adapter_ids` call argument.
@@ -60,6 +63,7 @@ class MultiAdapterLayer(keras.layers.Layer):
             owning rank column j.
         n_adapters: Positive int, the number of adapters N.
         adapter_bias: Boolean, whether each adapter has its own bias row.
+        dora: Boolean, whether the layer keeps per-adapter DoRA factors.
         strategy: `"concat"` or (Dense only) `"gather"`.
 
     Call arguments:
@@ -81,6 +85,7 @@ class MultiAdapterLayer(keras.layers.Layer):
         n_adapters,
         adapter_bias=False,
         strategy="concat",
+        dora=False,
         **kwargs,
     ):
         if isinstance(layer, dict):
@@ -112,6 +117,7 @@ class MultiAdapterLayer(keras.layers.Layer):
         self.n_adapters = int(n_adapters)
         self.adapter_bias = bool(adapter_bias)
         self.strategy = strategy
+        self.dora = bool(dora)
         self.ranks = np.bincount(owners, minlength=self.n_adapters)
         self._ids_source = None
 
@@ -149,12 +155,22 @@ class MultiAdapterLayer(keras.layers.Layer):
                 initializer="zeros",
                 trainable=False,
             )
+        self.dora_factors = None
+        if self.dora:
+            self.dora_factors = self.add_weight(
+                name="dora_factors",
+                shape=(n + 1, *b_shape),
+                initializer="ones",
+                trainable=False,
+                autocast=False,
+            )
         self.built = True
 
     def set_factors(self, factors):
         """Writes the adapters' factors: `factors[i]` is None (adapter i
-        leaves this layer alone) or `(a, b, bias)`, numpy arrays with `a`
-        `(*in, r_i)`, `b` `(r_i, *out)` already scaled, `bias` or None."""
+        leaves this layer alone) or `(a, b, bias, dora)`, numpy arrays with
+        `a` `(*in, r_i)`, `b` `(r_i, *out)` already scaled, `bias` or None,
+        `dora` (DoRA's `(*out)` factor) or None."""
         a_parts, b_parts = [], []
         for i, item in enumerate(factors):
             if item is not None:
@@ -177,6 +193,10 @@ class MultiAdapterLayer(keras.layers.Layer):
                 base if f is None or f[2] is None else f[2] for f in factors
             ]
             self.biases.assign(np.stack(rows + [base]).astype("float32"))
+        if self.dora_factors is not None:
+            ones = np.ones(self.dora_factors.shape[1:], "float32")
+            rows = [ones if f is None or f[3] is None else f[3] for f in factors]
+            self.dora_factors.assign(np.stack(rows + [ones]))
 
     def _ids(self, inputs, adapter_ids):
         ids = adapter_ids
@@ -235,18 +255,33 @@ class MultiAdapterLayer(keras.layers.Layer):
         n = self.n_adapters
         return ops.clip(ops.where(ops.less(ids, 0), n, ids), 0, n)
 
+    def _place(self, rows, ndim):
+        """`rows` `(b, *units)` reshaped to broadcast against an output of
+        rank `ndim`: `(b, 1, ..., *units)` (units last)."""
+        units = tuple(rows.shape[1:])
+        shape = (-1,) + (1,) * (ndim - 1 - len(units)) + units
+        return ops.reshape(rows, shape)
+
+    def _scale_units(self, outputs, rows):
+        """`outputs` times each example's DoRA factor row `(b, *out)`."""
+        return ops.multiply(outputs, self._place(rows, len(outputs.shape)))
+
     def _add_bias(self, outputs, ids):
+        """Each example's DoRA factor, bias row, then the activation."""
+        if self.dora_factors is not None:
+            # (N + 1, *out) -> (b, *out): each example's m / ||W + s A B||_c
+            rows = ops.take(self.dora_factors, self._rows(ids), axis=0)
+            rows = ops.cast(rows, outputs.dtype)
+            outputs = self._scale_units(outputs, rows)
+        ndim = len(outputs.shape)
         if self.biases is not None:
-            # (N + 1, *bias) -> (b, *bias) -> (b, 1, ..., *bias)
+            # (N + 1, *bias) -> (b, *bias), placed per example
             bias = ops.take(self.biases, self._rows(ids), axis=0)
             bias = ops.cast(bias, self.compute_dtype)
-            lead = len(outputs.shape) - len(bias.shape)
-            shape = (-1,) + (1,) * lead + tuple(bias.shape[1:])
-            outputs = ops.add(outputs, ops.reshape(bias, shape))
+            outputs = ops.add(outputs, self._place(bias, ndim))
         elif self.base_bias() is not None:
-            outputs = ops.add(
-                outputs, ops.cast(self.base_bias(), self.compute_dtype)
-            )
+            bias = ops.cast(self.base_bias(), self.compute_dtype)
+            outputs = ops.add(outputs, self._place(bias[None], ndim))
         activation = getattr(self.layer, "activation", None)
         return outputs if activation is None else activation(outputs)
 
@@ -261,4 +296,5 @@ class MultiAdapterLayer(keras.layers.Layer):
             "n_adapters": self.n_adapters,
             "adapter_bias": self.adapter_bias,
             "strategy": self.strategy,
+            "dora": self.dora,
         }

@@ -38,6 +38,7 @@ from keras_lora.adapters.files import read_adapters
 from keras_lora.adapters.io import apply_adapters
 from keras_lora.layers import LoRALayer
 from keras_lora.model import tree as _tree
+from keras_lora.serving.dora import dora_factor
 from keras_lora.serving.kinds import SERVING_LAYERS
 from keras_lora.serving.router import (
     IDS,
@@ -79,13 +80,12 @@ def _refuse_unservable(path):
                 f"'{layer_path}': kind {kind} (serving supports "
                 f"{', '.join(sorted(SERVING_LAYERS))})"
             )
-        if record.get("lora_init") == "pissa":
+        init = record.get("lora_init")
+        if init not in (None, "default", "gaussian"):
             problems.append(
-                f"'{layer_path}': lora_init='pissa' (its frozen weight is a "
-                "residual, not the base's; merge it and serve that model)"
+                f"'{layer_path}': lora_init={init!r} (its frozen weight is "
+                "not the base's; merge it and serve that model)"
             )
-        if record.get("use_dora"):
-            problems.append(f"'{layer_path}': a DoRA adapter (use_dora)")
         if record.get("base_dtype") not in (None, "float32"):
             # Trained on the stored base, not on the float one served here.
             problems.append(
@@ -100,11 +100,13 @@ def _refuse_unservable(path):
         )
 
 
-def _refuse_quantized(base, paths):
-    """The serving layers read the base weights as floats: refuse quantized
-    ones (Keras `quantize("int8")`) by path."""
+def _refuse_base_layers(base, paths):
+    """The serving layers read the base weights as floats and convolve all
+    input channels at once: refuse quantized layers (Keras
+    `quantize("int8")`) and grouped convolutions by path."""
     layers = dict(_tree.walk(base))
-    modes = {p: getattr(layers[p], "quantization_mode", None) for p in paths}
+    found = {p: layers[p] for p in paths if p in layers}
+    modes = {p: getattr(x, "quantization_mode", None) for p, x in found.items()}
     quantized = {p: m for p, m in sorted(modes.items()) if m is not None}
     if quantized:
         raise ValueError(
@@ -112,11 +114,20 @@ def _refuse_quantized(base, paths):
             f"quantized layers {quantized!r} (path: quantization_mode); "
             "serve the float base model."
         )
+    groups = {p: getattr(x, "groups", 1) for p, x in sorted(found.items())}
+    grouped = {p: g for p, g in groups.items() if g != 1}
+    if grouped:
+        raise ValueError(
+            "Expected convolutions with groups=1 where the adapters apply "
+            "(grouped convolutions are not served). Received: "
+            f"{grouped!r} (path: groups); merge each adapter and serve "
+            "the merged models."
+        )
 
 
 def _factors(base, path):
-    """`{layer path: (kind, a, scaled b, bias or None)}` of one file, after
-    `apply_adapters` checked it against `base`."""
+    """`{layer path: (kind, a, scaled b, bias or None, DoRA factor or
+    None)}` of one file, after `apply_adapters` checked it against `base`."""
     _refuse_unservable(path)
     lora = apply_adapters(base, path)
     records = read_adapters(path)
@@ -128,7 +139,9 @@ def _factors(base, path):
         bias = None
         if record["bias"]:
             bias = np.asarray(ops.convert_to_numpy(layer.bias), "float32")
-        out[layer_path] = (record["kind"], a, b * layer.scale, bias)
+        out[layer_path] = (
+            record["kind"], a, b * layer.scale, bias, dora_factor(layer)
+        )  # fmt: skip
     return out
 
 
@@ -201,7 +214,7 @@ def build_multi_adapter_model(base, paths, strategy="concat"):
             f"Expected a base model with no input named '{IDS}'. Received: "
             f"model='{base.name}' with one."
         )
-    _refuse_quantized(base, set().union(*map(read_adapters, paths)))
+    _refuse_base_layers(base, set().union(*map(read_adapters, paths)))
     per_file = [_factors(base, path) for path in paths]  # all checked first
     from keras_lora.workflow import copy_model
 
@@ -225,6 +238,7 @@ def build_multi_adapter_model(base, paths, strategy="concat"):
                 len(paths),
                 adapter_bias=any(f and f[2] is not None for f in factors),
                 strategy=strategy if cls.gather_ok else "concat",
+                dora=any(f and f[3] is not None for f in factors),
             )
             new.build()
         new.set_factors(factors)

@@ -29,12 +29,16 @@ def _perturb(model, seed):
 
 
 def _files(base, specs, folder):
-    """One trained-looking adapter file per `(rank, targets)`."""
+    """One trained-looking adapter file per `(rank, targets[, use_dora])`."""
     paths = []
-    for i, (rank, targets) in enumerate(specs):
+    for i, (rank, targets, *dora) in enumerate(specs):
         # alpha != rank, so scale != 1 (alpha / rank: 1.5, 2, ...).
         lora = apply_lora(
-            base, rank=rank, alpha=rank * (1.5 + i / 2), targets=targets
+            base,
+            rank=rank,
+            alpha=rank * (1.5 + i / 2),
+            targets=targets,
+            use_dora=bool(dora and dora[0]),
         )
         lora = _perturb(lora, i)
         paths.append(str(folder / f"a{i}.lora.h5"))
@@ -89,6 +93,22 @@ def reversible_base():
     return keras.Model(inputs, tok(h, reverse=True))  # tied logits
 
 
+def conv_base(data_format="channels_last"):
+    last = data_format == "channels_last"
+    inputs = keras.Input((10, 3) if last else (3, 10))
+    h = keras.layers.Conv1D(
+        4, 3, padding="causal", dilation_rate=2, activation="relu",
+        data_format=data_format, name="c1",
+    )(inputs)  # fmt: skip
+    h = keras.layers.Reshape((10, 4, 1) if last else (1, 10, 4))(h)
+    out = keras.layers.Conv2D(
+        3, (3, 2), strides=(2, 1), padding="same", data_format=data_format,
+        name="c2",
+    )(h)  # fmt: skip
+    return keras.Model(inputs, out)
+
+
+CONVS = ["c1", "c2"]
 CASES = {
     # Different ranks, and files with different targets: where a file has
     # no adapter its examples get the base layer.
@@ -96,6 +116,10 @@ CASES = {
     "einsum": (einsum_base, [(2, None), (3, ["general"])]),
     "embedding": (embedding_base, [(2, ["emb"]), (3, ["emb", "head"])]),
     "reversible": (reversible_base, [(2, ["tok"]), (3, ["tok", "mid"])]),
+    "conv": (conv_base, [(2, CONVS), (3, ["c2"]), (1, ["c1"])]),
+    "conv_first": (
+        lambda: conv_base("channels_first"), [(2, CONVS), (3, ["c1"])]
+    ),
 }
 
 
@@ -103,7 +127,12 @@ def _inputs(kind, batch, seed=0):
     rng = np.random.default_rng(seed)
     if kind in ("embedding", "reversible"):
         return rng.integers(0, 20, size=(batch, 5)).astype("int32")
-    shape = {"dense": (batch, 6), "einsum": (batch, 4, 6)}[kind]
+    shape = {
+        "dense": (batch, 6),
+        "einsum": (batch, 4, 6),
+        "conv": (batch, 10, 3),
+        "conv_first": (batch, 3, 10),
+    }[kind]
     return rng.normal(size=shape).astype("float32")
 
 
@@ -126,6 +155,8 @@ def served(tmp_path_factory):
         ("embedding", "concat"),
         ("embedding", "gather"),  # the Dense head gathers
         ("reversible", "concat"),
+        ("conv", "concat"),
+        ("conv_first", "gather"),  # no Dense layer: convolutions concat
     ],
 )
 def test_each_example_equals_its_merged_model(served, kind, strategy):
