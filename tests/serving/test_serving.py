@@ -182,6 +182,114 @@ def test_each_example_equals_its_merged_model(served, kind, strategy):
         assert not np.allclose(expected[rows], _np(base(x[rows])))
 
 
+def _applied(base, paths, x, ids):
+    """Each example through `apply_adapters(base, paths[i])`, unmerged (the
+    base for -1)."""
+    models = [apply_adapters(base, p) for p in paths]
+    rows = []
+    for k, i in enumerate(ids):
+        model = base if i < 0 else models[i]
+        rows.append(_np(model(x[k : k + 1]))[0])
+    return np.stack(rows)
+
+
+def _numpy_dora_dense(base, path, x):
+    """`dense_base` with a DoRA file on both layers, in numpy: per layer
+    `(x W + s x A B) * m / ||W + s A B||_col + b` (norm over the input
+    axis, one per output unit; Liu et al., 2024, eq. 5), `b` the file's
+    bias when it trains one."""
+    from keras_lora.adapters.files import read_adapters
+
+    adapters = read_adapters(path)
+    for name, activation in (("d1", lambda v: np.maximum(v, 0)), ("d2", None)):
+        layer = base.get_layer(name)
+        record, arrays = adapters[name]
+        w, b = _np(layer.kernel), arrays.get("bias", _np(layer.bias))
+        s = record["alpha"] / record["rank"]
+        a, bb, m = arrays["lora_a"], arrays["lora_b"], arrays["lora_magnitude"]
+        norm = np.linalg.norm(w + s * a @ bb, axis=0)
+        x = (x @ w + s * (x @ a) @ bb) * (m / norm) + b
+        x = x if activation is None else activation(x)
+    return x
+
+
+DORA = {
+    # A DoRA file, a plain one and another DoRA file of another rank, with
+    # different targets; `kind` names the inputs.
+    "dense": (dense_base, [(2, None, True), (3, ["d2"]), (1, ["d1"], True)]),
+    "einsum": (einsum_base, [(2, None, True), (3, ["general"])]),
+    "conv": (conv_base, [(2, CONVS, True), (3, ["c2"]), (1, ["c1"], True)]),
+    "conv_first": (
+        lambda: conv_base("channels_first"), [(2, ["c2"], True), (1, CONVS)]
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def dora_served(tmp_path_factory):
+    out = {}
+    for kind, (build, specs) in DORA.items():
+        base = build()
+        paths = _files(base, specs, tmp_path_factory.mktemp(f"dora_{kind}"))
+        out[kind] = (base, paths)
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(DORA))
+def test_dora_examples_equal_their_own_adapted_model(dora_served, kind):
+    base, paths = dora_served[kind]
+    model = build_multi_adapter_model(base, paths)
+    n = len(paths)
+    ids = np.array([(k % (n + 1)) - 1 for k in range(7)], "int32")[::-1]
+    x = _inputs(kind, len(ids))
+    expected = _applied(base, paths, x, ids)
+    got = model.predict_on_batch([x, ids])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    if kind == "dense":  # and DoRA from the paper's formula, in numpy
+        rows = ids == 0
+        want = _numpy_dora_dense(base, paths[0], x[rows])
+        np.testing.assert_allclose(got[rows], want, rtol=1e-5, atol=1e-5)
+    for i in range(n):
+        rows = ids == i
+        assert not np.allclose(expected[rows], _np(base(x[rows])))
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_dora_loaded_but_not_selected_serves(dora_served, kind):
+    # As PEFT's test_mixed_adapter_batches_lora_with_dora_but_dora_not_
+    # included_works: adapter 0 (DoRA) is loaded, no example selects it.
+    base, paths = dora_served[kind]
+    model = build_multi_adapter_model(base, paths)
+    ids = np.array([1, -1, 1, -1, -1], "int32")
+    x = _inputs(kind, len(ids))
+    want = np.stack(
+        [_np(apply_adapters(base, paths[1])(x[:1]))[0]]
+        + [_np(base(x[1:2]))[0]]
+    )
+    got = model.predict_on_batch([x, ids])
+    np.testing.assert_allclose(got[[0, 1]], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got, _applied(base, paths, x, ids), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_dora_and_conv_serve_compiled_and_after_a_round_trip(
+    dora_served, tmp_path
+):
+    base, paths = dora_served["conv"]
+    model = build_multi_adapter_model(base, paths)
+    ids = np.array([2, 0, -1, 1, 0], "int32")
+    x = _inputs("conv", len(ids))
+    expected = _applied(base, paths, x, ids)
+    model.save(tmp_path / "serving.keras")
+    loaded = keras.saving.load_model(tmp_path / "serving.keras")
+    np.testing.assert_allclose(
+        loaded.predict_on_batch([x, ids]), expected, rtol=1e-5, atol=1e-5
+    )
+    out = _np(_compiled(lambda a, b: model([a, b]))(x, ids))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_serving_keeps_base_unchanged_and_one_copy_of_weights(served):
     base, paths = served["dense"]
     before = [_np(w).copy() for w in base.weights]
@@ -388,13 +496,63 @@ def test_file_of_another_base_is_refused_listing_problems(served, tmp_path):
         np.testing.assert_array_equal(old, _np(new))
 
 
+def _rewritten(path, out, **changes):
+    """A copy of adapter file `path` at `out` whose layer records have
+    `changes` (a record another version of the library could write)."""
+    import json
+    import shutil
+
+    import h5py
+
+    shutil.copy(path, out)
+    with h5py.File(out, "r+") as f:
+        records = json.loads(f.attrs["layers"])
+        f.attrs["layers"] = json.dumps([{**r, **changes} for r in records])
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"kind": "LoRAConv3D"}, "'c2': kind LoRAConv3D"),
+        ({"lora_init": "olora"}, "'c2': lora_init='olora'.*not the base's"),
+        ({"lora_init": "loftq"}, "'c2': lora_init='loftq'.*not the base's"),
+    ],
+)
+def test_unservable_records_are_refused_by_layer(tmp_path, changes, match):
+    base = conv_base()
+    good = _files(base, [(2, ["c2"])], tmp_path)[0]
+    path = _rewritten(good, tmp_path / "other.lora.h5", **changes)
+    before = [_np(w).copy() for w in base.weights]
+    with pytest.raises(ValueError, match=match) as info:
+        build_multi_adapter_model(base, [good, path])
+    assert path in str(info.value)
+    for old, new in zip(before, base.weights):
+        np.testing.assert_array_equal(old, _np(new))
+
+
+def test_grouped_convolutions_are_refused_by_path(tmp_path):
+    from keras_lora.serving.conv import MultiAdapterConv2D
+
+    inputs = keras.Input((6, 6, 4))
+    plain = keras.Model(
+        inputs, keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    )
+    path = _files(plain, [(2, ["conv"])], tmp_path)[0]
+    inputs = keras.Input((6, 6, 4))
+    grouped_layer = keras.layers.Conv2D(4, 3, groups=2, name="conv")
+    grouped = keras.Model(inputs, grouped_layer(inputs))
+    with pytest.raises(ValueError, match=r"groups=1.*\{'conv': 2\}"):
+        build_multi_adapter_model(grouped, [path])
+    with pytest.raises(ValueError, match=r"groups=1.*Received: groups=2"):
+        MultiAdapterConv2D(grouped_layer, [0, 0], 1)
+
+
 def test_unservable_kinds_and_lora_bases_are_refused(tmp_path):
     inputs = keras.Input((6, 6, 2))
     x = keras.layers.Conv2D(3, 3, name="conv")(inputs)
     base = keras.Model(inputs, x)
     path = _files(base, [(2, ["conv"])], tmp_path)[0]
-    with pytest.raises(ValueError, match="'conv': kind LoRAConv2D"):
-        build_multi_adapter_model(base, [path])
     dense = dense_base()
     lora = apply_lora(dense, rank=2)
     with pytest.raises(ValueError, match="without LoRA layers"):
