@@ -1,10 +1,10 @@
 """Serving layers: one frozen base layer, N adapters, one adapter per example.
 
-A `MultiAdapter*` layer wraps a built base layer (Dense, EinsumDense,
-Embedding or ReversibleEmbedding, in `keras_lora.serving.kinds`) and
-the low-rank factors of N adapters, and computes each example of a batch
-with its own adapter in one pass: the base op once for the whole batch,
-plus the low-rank terms of the adapter each example names.
+A `MultiAdapter*` layer (one per kind in `keras_lora.serving.kinds` and
+`.conv`) wraps a built base layer and the low-rank factors of N adapters,
+and computes each example of a batch with its own adapter in one pass:
+the base op once for the whole batch, plus the low-rank terms of the
+adapter each example names.
 
 Layout ("concat", the default). The N adapters' factors sit side by side
 along the rank axis: `lora_a` `(*in, R)` and `lora_b` `(R, *out)` with
@@ -195,7 +195,7 @@ class MultiAdapterLayer(keras.layers.Layer):
             self.biases.assign(np.stack(rows + [base]).astype("float32"))
         if self.dora_factors is not None:
             ones = np.ones(self.dora_factors.shape[1:], "float32")
-            rows = [ones if f is None or f[3] is None else f[3] for f in factors]
+            rows = [f[3] if f and f[3] is not None else ones for f in factors]
             self.dora_factors.assign(np.stack(rows + [ones]))
 
     def _ids(self, inputs, adapter_ids):

@@ -118,7 +118,8 @@ CASES = {
     "reversible": (reversible_base, [(2, ["tok"]), (3, ["tok", "mid"])]),
     "conv": (conv_base, [(2, CONVS), (3, ["c2"]), (1, ["c1"])]),
     "conv_first": (
-        lambda: conv_base("channels_first"), [(2, CONVS), (3, ["c1"])]
+        lambda: conv_base("channels_first"),
+        [(2, CONVS), (3, ["c1"])],
     ),
 }
 
@@ -224,7 +225,8 @@ DORA = {
     ),
     "conv": (conv_base, [(2, CONVS, True), (3, ["c2"]), (1, ["c1"], True)]),
     "conv_first": (
-        lambda: conv_base("channels_first"), [(2, ["c2"], True), (1, CONVS)]
+        lambda: conv_base("channels_first"),
+        [(2, ["c2"], True), (1, CONVS)],
     ),
 }
 
@@ -240,7 +242,8 @@ def dora_served(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "kind, strategy", [(k, "concat") for k in sorted(DORA)] + [("dense", "gather")]
+    "kind, strategy",
+    [(kind, "concat") for kind in sorted(DORA)] + [("dense", "gather")],
 )
 def test_dora_examples_equal_their_own_adapted_model(
     dora_served, kind, strategy
@@ -271,8 +274,7 @@ def test_dora_loaded_but_not_selected_serves(dora_served, kind):
     ids = np.array([1, -1, 1, -1, -1], "int32")
     x = _inputs(kind, len(ids))
     want = np.stack(
-        [_np(apply_adapters(base, paths[1])(x[:1]))[0]]
-        + [_np(base(x[1:2]))[0]]
+        [_np(apply_adapters(base, paths[1])(x[:1]))[0]] + [_np(base(x[1:2]))[0]]
     )
     got = model.predict_on_batch([x, ids])
     np.testing.assert_allclose(got[[0, 1]], want, rtol=1e-5, atol=1e-5)
@@ -543,9 +545,7 @@ def test_grouped_convolutions_are_refused_by_path(tmp_path):
     from keras_lora.serving.conv import MultiAdapterConv2D
 
     inputs = keras.Input((6, 6, 4))
-    plain = keras.Model(
-        inputs, keras.layers.Conv2D(4, 3, name="conv")(inputs)
-    )
+    plain = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv")(inputs))
     path = _files(plain, [(2, ["conv"])], tmp_path)[0]
     inputs = keras.Input((6, 6, 4))
     grouped_layer = keras.layers.Conv2D(4, 3, groups=2, name="conv")
