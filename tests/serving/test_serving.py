@@ -296,8 +296,9 @@ def test_dora_and_conv_serve_compiled_and_after_a_round_trip(
     np.testing.assert_allclose(
         loaded.predict_on_batch([x, ids]), expected, rtol=1e-5, atol=1e-5
     )
-    out = _np(_compiled(lambda a, b: model([a, b]))(x, ids))
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    if keras.backend.backend() != "torch":  # no compiled graph there
+        out = _np(_compiled(lambda a, b: model([a, b]))(x, ids))
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_serving_keeps_base_unchanged_and_one_copy_of_weights(served):
