@@ -96,7 +96,8 @@ def combine_adapters(
             `"magnitude_prune_svd"`, the same rules on the full updates,
             truncated by SVD.
         rank: For the SVD methods, a positive int (default: the largest
-            rank among the adapters at each layer); must be None otherwise.
+            rank among the adapters, at every layer); must be None
+            otherwise.
         density: For the TIES, DARE and magnitude-prune methods, the
             fraction in (0, 1] of each task tensor's entries kept; must
             be None otherwise.
@@ -125,6 +126,7 @@ def combine_adapters(
     layers = named_adapters.ensure_named(model)
     named_adapters.sync(model)
     rng = np.random.default_rng(seed)
+    largest = max(r for by_name in ranks.values() for r in by_name.values())
     new_ranks = {}
     for path in ranks:
         layer = layers[path]
@@ -138,8 +140,7 @@ def combine_adapters(
         elif method in merge_methods.METHODS:
             arrays = _factors(rule, stored, w, options)
         else:
-            k = rank or max(s.rank for s in stored)
-            arrays = _truncated(rule, stored, w, k, options)
+            arrays = _truncated(rule, stored, w, rank or largest, options)
         arrays.update(_bias(layer, stored, w))
         new_ranks[path] = k = arrays["lora_b"].shape[0]
         slots.put(layer, name, arrays, k, k, False, "default")
