@@ -115,8 +115,7 @@ def _check_density(method, rule, density):
         )
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(
-            f"Expected {expected}, a real number. Received: "
-            f"density={density!r}"
+            f"Expected {expected}, a real number. Received: density={density!r}"
         )
     if not 0 < density <= 1:  # NaN fails too
         raise ValueError(f"Expected {expected}. Received: density={density!r}")

@@ -103,8 +103,10 @@ def ref_elect_and_mean(tasks, weights, sign_method):
     out = np.zeros(tasks[0].shape)
     for index in np.ndindex(out.shape):
         values = [t[index] for t in tasks]
-        votes = sum(values) if sign_method == "total" else sum(
-            np.sign(v) for v in values
+        votes = (
+            sum(values)
+            if sign_method == "total"
+            else sum(np.sign(v) for v in values)
         )
         elected = 1.0 if votes >= 0 else -1.0
         kept = [w * v for v, w in zip(values, weights) if np.sign(v) == elected]
@@ -133,11 +135,19 @@ def ref_factors(rule, factors, weights, density, sign_method, masks):
     b_weights = [math.sqrt(abs(x)) for x in ws]
     n = len(factors)
     a = ref_rule(
-        rule, [f[0] for f in factors], a_weights, density, sign_method,
+        rule,
+        [f[0] for f in factors],
+        a_weights,
+        density,
+        sign_method,
         masks[:n] if masks else None,
     )
     b = ref_rule(
-        rule, [f[1] for f in factors], b_weights, density, sign_method,
+        rule,
+        [f[1] for f in factors],
+        b_weights,
+        density,
+        sign_method,
         masks[n:] if masks else None,
     )
     return a, b
@@ -166,8 +176,12 @@ def test_factor_methods_follow_the_papers_steps(
     base, model = two
     name = _fresh(model, method)
     ranks = combine_adapters(
-        model, weights, method=method, density=density,
-        majority_sign_method=sign_method, name=name,
+        model,
+        weights,
+        method=method,
+        density=density,
+        majority_sign_method=sign_method,
+        name=name,
     )
     assert ranks == dict.fromkeys(PATHS, 3)
     inputs = [_adapter(model, n) for n in weights]
@@ -175,8 +189,12 @@ def test_factor_methods_follow_the_papers_steps(
     for path in PATHS:
         factors = [x[path] for x in inputs]
         a, b = ref_factors(
-            method, factors, list(weights.values()), density,
-            sign_method or "total", None,
+            method,
+            factors,
+            list(weights.values()),
+            density,
+            sign_method or "total",
+            None,
         )
         np.testing.assert_allclose(got[path][0], a, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(got[path][1], b, rtol=1e-5, atol=1e-7)
@@ -204,8 +222,12 @@ def test_dare_drops_and_rescales_with_the_seeded_masks(two, method):
     masks = _masks(7, shapes, 0.4)
     for i, path in enumerate(PATHS):
         a, b = ref_factors(
-            method, [x[path] for x in inputs], list(weights.values()), 0.4,
-            "total", masks[4 * i: 4 * i + 4],
+            method,
+            [x[path] for x in inputs],
+            list(weights.values()),
+            0.4,
+            "total",
+            masks[4 * i : 4 * i + 4],
         )
         np.testing.assert_allclose(got[path][0], a, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(got[path][1], b, rtol=1e-5, atol=1e-7)
@@ -218,8 +240,9 @@ def test_dare_drops_and_rescales_with_the_seeded_masks(two, method):
         np.testing.assert_array_equal(
             _adapter(model, again)[path][0], got[path][0]
         )
-    assert not np.allclose(_adapter(model, other)["layer_1"][0],
-                           got["layer_1"][0])
+    assert not np.allclose(
+        _adapter(model, other)["layer_1"][0], got["layer_1"][0]
+    )
 
 
 def test_dare_keeps_the_expected_value():
@@ -260,7 +283,12 @@ def test_svd_methods_merge_the_updates_then_truncate(
     seed = 3 if rule.startswith("dare") else None
     name = _fresh(model, method)
     ranks = combine_adapters(
-        model, weights, method, rank=rank, density=density, seed=seed,
+        model,
+        weights,
+        method,
+        rank=rank,
+        density=density,
+        seed=seed,
         name=name,
     )
     assert ranks == dict.fromkeys(PATHS, rank)
@@ -272,8 +300,12 @@ def test_svd_methods_merge_the_updates_then_truncate(
         masks = _masks(seed, shapes, density)
     for i, path in enumerate(PATHS):
         merged = ref_rule(
-            rule, deltas[path], list(weights.values()), density, "total",
-            masks[2 * i: 2 * i + 2] if masks else None,
+            rule,
+            deltas[path],
+            list(weights.values()),
+            density,
+            "total",
+            masks[2 * i : 2 * i + 2] if masks else None,
         )
         got = _delta(_adapter(model, name)[path])
         np.testing.assert_allclose(
@@ -295,22 +327,28 @@ def test_union_of_targets(tmp_path):
     inputs = {n: _adapter(model, n) for n in ("default", "q", "r")}
     for method, density in (("ties", 0.5), ("linear", None), ("cat", None)):
         name = _fresh(model, method)
-        ranks = combine_adapters(model, weights, method, density=density,
-                                 name=name)
+        ranks = combine_adapters(
+            model, weights, method, density=density, name=name
+        )
         got = _adapter(model, name)
         assert sorted(got) == sorted(ranks) == list(PATHS)
         for path in PATHS:
             here = [n for n in weights if path in inputs[n]]
             factors = [inputs[n][path] for n in here]
             if method == "cat":
-                expected = sum(weights[n] * _delta(inputs[n][path])
-                               for n in here)
-                np.testing.assert_allclose(_delta(got[path]), expected,
-                                           rtol=1e-5, atol=1e-6)
+                expected = sum(
+                    weights[n] * _delta(inputs[n][path]) for n in here
+                )
+                np.testing.assert_allclose(
+                    _delta(got[path]), expected, rtol=1e-5, atol=1e-6
+                )
                 continue
             # Absent adapters count as zero: TIES does not count zeros.
-            zero = (np.zeros_like(factors[0][0]), np.zeros_like(
-                factors[0][1]), 1.0)
+            zero = (
+                np.zeros_like(factors[0][0]),
+                np.zeros_like(factors[0][1]),
+                1.0,
+            )
             padded = [inputs[n].get(path, zero) for n in weights]
             a, b = ref_factors(
                 method, padded, list(weights.values()), density, "total", None
@@ -325,8 +363,9 @@ def test_union_of_targets(tmp_path):
     )
     assert ranks == dict.fromkeys(PATHS, 4)
     with pytest.raises(ValueError, match="equal rank.*layer_2"):
-        combine_adapters(model, {"default": 1.0, "r": 1.0}, "ties",
-                         density=0.5, name="t")
+        combine_adapters(
+            model, {"default": 1.0, "r": 1.0}, "ties", density=0.5, name="t"
+        )
     assert "t" not in list_adapters(model)
 
 
@@ -394,10 +433,12 @@ def test_matches_peft_add_weighted_adapter(two, method, density):
         peft_b = layer.lora_B["merged"].weight.detach().numpy().T
         assert layer.scaling["merged"] == 1.0
         if method in ("linear", "ties", "magnitude_prune"):  # factor by factor
-            np.testing.assert_allclose(got[path][0], peft_a, rtol=1e-5,
-                                       atol=1e-6)
-            np.testing.assert_allclose(got[path][1], peft_b, rtol=1e-5,
-                                       atol=1e-6)
+            np.testing.assert_allclose(
+                got[path][0], peft_a, rtol=1e-5, atol=1e-6
+            )
+            np.testing.assert_allclose(
+                got[path][1], peft_b, rtol=1e-5, atol=1e-6
+            )
         np.testing.assert_allclose(
             _delta(got[path]), peft_a @ peft_b, rtol=1e-4, atol=1e-5
         )
