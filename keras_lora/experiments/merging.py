@@ -23,8 +23,9 @@ epochs, a fresh optimizer per task), then combined with weight 1 each by:
 Each combination is scored on both tasks' test images, as are the two
 adapters alone and the base: over all 10 classes (the model as it would
 be used), and over the task's own 5 classes (the task known, as merging
-papers score each task with its own head). `SEEDS` seed the adapters' initialisation,
-their training and DARE's drop; the base is pretrained once (seed 0).
+papers score each task with its own head). `SEEDS` seed the adapters'
+initialisation, their training and DARE's drop; the base is pretrained
+once (seed 0).
 
 `keras-lora combine-digits` prints `format_markdown(run_experiment())`.
 
