@@ -10,6 +10,8 @@ Subcommands, one module each in `keras_lora.commands`:
   `keras_lora.experiments.capacity`).
 - `digits`: the fine-tuning experiment (see `keras_lora.experiments.digits`).
 - `transfer`: LoRA on a transformer (see `keras_lora.experiments.transfer`).
+- `combine-digits`: combining two adapters (see
+  `keras_lora.experiments.merging`).
 - `rank-report`: the singular-value report of one layer (or of its update).
 
 A subcommand's module is imported, and its options added, only when the
@@ -56,6 +58,11 @@ COMMANDS = {
         "transfer",
         "LoRA on a small transformer, digits 0-4 -> 5-9: ours vs full, "
         "head only and Keras's enable_lora (needs scikit-learn)",
+    ),
+    "combine-digits": (
+        "combine_digits",
+        "two LoRA adapters (digits 0-4, 5-9) combined by cat, svd, "
+        "TIES and DARE: accuracy on both tasks (needs scikit-learn)",
     ),
     "rank-report": (
         "rank_report",

@@ -283,7 +283,8 @@ def test_digits_module_defaults_agree():
 
 
 @pytest.mark.parametrize(
-    "command", ["compare", "bench", "capacity", "digits", "transfer"]
+    "command",
+    ["compare", "bench", "capacity", "digits", "transfer", "combine-digits"],
 )
 def test_every_subcommand_prints_its_help(command, capsys):
     # argparse %-formats help strings: a stray "%" crashes `--help` only.
@@ -333,6 +334,7 @@ def test_help_and_version_do_not_import_tensorflow(argv):
         "capacity",
         "digits",
         "transfer",
+        "combine-digits",
         "rank-report",
     ],
 )

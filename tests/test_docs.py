@@ -62,6 +62,7 @@ def _transformers(ns, out, folder):
 def _many_adapters(ns, out, folder):
     # Named adapters: what the example prints, and the trained tasks differ.
     assert "['b', 'mean', 'mean_again'] ['b']" in out
+    assert "['b', 'mean', 'mean_again', 'ties', 'dare']" in out
     xs = ns["xs"]
     assert not np.allclose(ns["tasks"](xs), ns["shared"](xs))
     # Mixed-batch serving: id -1 rows are the base's, the others are not.

@@ -1,150 +1,206 @@
-"""Combining named adapters into a new one: their weighted sum, exact
-("cat") or truncated to a rank by SVD ("svd").
+"""Combining named adapters into a new one, by PEFT's
+`add_weighted_adapter` methods.
 
-For adapters `i` with scales `s_i = alpha_i / r_i` and weights `w_i`, every
-layer's combined update is `sum_i w_i * s_i * A_i @ B_i`:
+For adapters `i` with scales `s_i` (`alpha_i / r_i`, or `alpha_i /
+sqrt(r_i)` with rsLoRA), factors `A_i (in, r_i)`, `B_i (r_i, out)` and
+weights `w_i`, each layer's new update is:
 
-- "cat" stacks the weighted factors, `A = [w_1 s_1 A_1, ..., w_k s_k A_k]`
-  and `B = [B_1; ...; B_k]`, so `A @ B` is that sum exactly (rank = the sum
-  of the ranks, scale 1);
-- "svd" keeps the best rank-`rank` approximation of the sum
-  (Eckart-Young), through `linalg.svd_factors`, as PiSSA and
-  `extract_lora` do.
+- "cat": `sum_i w_i s_i A_i @ B_i` exactly, from the stacked factors
+  `A = [w_1 s_1 A_1, ..., w_k s_k A_k]`, `B = [B_1; ...; B_k]` (rank =
+  the sum of the ranks);
+- "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune": the
+  A factors merged with weights `sign(w_i s_i) sqrt(|w_i s_i|)` and the B
+  factors with weights `sqrt(|w_i s_i|)`, each by that rule of
+  `merge_methods` (so the ranks must be equal; the new rank is theirs);
+- "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd",
+  "magnitude_prune_svd": the full updates `s_i A_i @ B_i` merged with
+  weights `w_i` by "linear" (for "svd"), "ties", ..., then truncated to
+  its best rank-`rank` factors (Eckart-Young) through
+  `linalg.svd_factors`.
 
-A bias the layers train combines the same way: the base's plus the
-weighted sum of each adapter's change to it.
+The new adapter has scale 1 (alpha = rank) and reaches every layer some
+adapter reaches; where an adapter is absent it contributes nothing, as
+PEFT skips it. PEFT's `lora_A` is `(r, in)` and `lora_B` `(out, r)`, the
+transposes of ours: every rule here is entrywise (trimming ranks all the
+entries of a tensor), so the result is PEFT's, transposed.
 
-Sources: Hugging Face PEFT `add_weighted_adapter` (`tuners/lora/model.py`,
-combination types "cat" and "svd"); Eckart and Young, 1936.
+A bias the layers train combines linearly for every method: the base's
+plus the weighted sum of each adapter's change to it (PEFT merges no
+bias).
+
+Sources: Hugging Face PEFT `tuners/lora/model.py` (`add_weighted_adapter`,
+`_generalized_task_arithmetic_weighted_adapter`,
+`_svd_generalized_task_arithmetic_weighted_adapter`); the merge rules'
+papers in `merge_methods`; Eckart and Young, 1936.
 """
 
 import math
 
 import numpy as np
-from keras import ops
 
+from keras_lora.adapters import combine_checks, merge_methods
 from keras_lora.adapters import named_state as named_adapters
 from keras_lora.layers import slots
 from keras_lora.utils.linalg import svd_factors
 
-METHODS = ("cat", "svd")
+METHODS = combine_checks.METHODS
 
 
-def _check_weights(model, weights):
-    if not isinstance(weights, dict) or not weights:
-        raise TypeError(
-            "Expected `weights` to be a non-empty dict {adapter name: "
-            f"weight}}. Received: weights={weights!r}"
-        )
-    named_adapters.check_known(model, list(weights), "weights")
-    for key, weight in weights.items():
-        if isinstance(weight, bool) or not isinstance(
-            weight, (int, float, np.integer, np.floating)
-        ):
-            raise TypeError(
-                f"Expected a real number as the weight of {key!r}. "
-                f"Received: weights[{key!r}]={weight!r}"
-            )
-        if not math.isfinite(weight):
+def _layer_ranks(model, names):
+    """`{path: {name: rank}}` over every layer some adapter of `names`
+    reaches, before any change to the model."""
+    layers = named_adapters.layers_of(model)
+    ranks = {}
+    for name in names:
+        for path in named_adapters.adapter_paths(model, name):
+            held = slots.slots_of(layers[path])
+            rank = held.adapters[name].rank if held else layers[path].rank
+            ranks.setdefault(path, {})[name] = rank
+    return dict(sorted(ranks.items()))
+
+
+def _check_equal_ranks(method, ranks):
+    for path, by_name in ranks.items():
+        if len(set(by_name.values())) > 1:
             raise ValueError(
-                f"Expected a finite weight for {key!r}. Received: "
-                f"weights[{key!r}]={weight!r}"
+                f"Expected adapters of equal rank with method={method!r}, "
+                "which merges their factors entry by entry. Received: "
+                f"ranks {by_name} at layer {path!r}; use 'cat' or an "
+                "'_svd' method to combine ranks that differ."
             )
 
 
-def _check_targets(model, names):
-    paths = {n: set(named_adapters.adapter_paths(model, n)) for n in names}
-    first = names[0]
-    for name in names[1:]:
-        if paths[name] != paths[first]:
-            only = sorted(paths[name] ^ paths[first])
-            raise ValueError(
-                "Expected adapters with the same targets to combine. "
-                f"Received: {first!r} and {name!r}, which differ at {only}."
-            )
-    return paths[first]
-
-
-def combine_adapters(model, weights, method="cat", rank=None, name=None):
-    """Adds adapter `name`, the weighted sum of existing adapters.
+def combine_adapters(
+    model,
+    weights,
+    method="cat",
+    rank=None,
+    density=None,
+    seed=None,
+    majority_sign_method=None,
+    name=None,
+):
+    """Adds adapter `name`, a weighted combination of existing adapters.
 
     Args:
         model: A model with LoRA layers.
-        weights: `{adapter name: weight}`, real finite weights; the
-            adapters must target the same layers.
-        method: `"cat"`, the exact sum (rank = sum of ranks), or `"svd"`,
-            its best rank-`rank` approximation.
-        rank: For "svd", a positive int (default: the largest rank among
-            the adapters); must be None for "cat".
+        weights: `{adapter name: weight}`, real finite weights (negative
+            ones subtract). The adapters may reach different layers: the
+            new one reaches them all, each adapter counting where it is.
+        method: One of `METHODS`. `"cat"`, the exact weighted sum (rank =
+            sum of ranks); `"svd"`, its best rank-`rank` approximation;
+            `"linear"`, `"ties"`, `"dare_linear"`, `"dare_ties"`,
+            `"magnitude_prune"`, PEFT's merges of the A and the B factors
+            (adapters of equal rank); and `"ties_svd"`,
+            `"dare_linear_svd"`, `"dare_ties_svd"`,
+            `"magnitude_prune_svd"`, the same rules on the full updates,
+            truncated by SVD.
+        rank: For the SVD methods, a positive int (default: the largest
+            rank among the adapters, at every layer); must be None
+            otherwise.
+        density: For the TIES, DARE and magnitude-prune methods, the
+            fraction in (0, 1] of each task tensor's entries kept; must
+            be None otherwise.
+        seed: For the DARE methods, an int seeding the random drop (a
+            numpy `Generator`); None draws afresh each call. Must be None
+            for the other methods.
+        majority_sign_method: For the TIES methods (`"ties"`,
+            `"dare_ties"` and their SVD forms), `"total"` (the default:
+            the sign of the summed entries) or `"frequency"` (the sign
+            most entries have); must be None otherwise.
         name: The new adapter's name (not active).
 
     Returns:
         `{layer path: rank}` of the new adapter.
     """
-    _check_weights(model, weights)
-    if method not in METHODS:
-        raise ValueError(
-            f"Expected `method` to be one of {METHODS}. Received: "
-            f"method={method!r}"
-        )
-    if method == "cat" and rank is not None:
-        raise ValueError(
-            "Expected rank=None with method='cat', whose rank is the sum of "
-            f"the adapters' ranks. Received: rank={rank!r}; use "
-            "method='svd' to choose a rank."
-        )
-    if rank is not None and (
-        isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0
-    ):
-        raise ValueError(
-            f"Expected `rank` to be a positive integer. Received: rank={rank!r}"
-        )
+    combine_checks.check_weights(model, weights)
+    sign_method = combine_checks.check_options(
+        method, rank, density, seed, majority_sign_method
+    )
     named_adapters.check_new(model, name)
     names = list(weights)
-    targets = _check_targets(model, names)
+    ranks = _layer_ranks(model, names)
+    rule = combine_checks.base_method(method)
+    if method in merge_methods.METHODS:
+        _check_equal_ranks(method, ranks)
     layers = named_adapters.ensure_named(model)
     named_adapters.sync(model)
-    ranks = {}
-    for path in sorted(targets):
+    rng = np.random.default_rng(seed)
+    largest = max(r for by_name in ranks.values() for r in by_name.values())
+    new_ranks = {}
+    for path in ranks:
         layer = layers[path]
-        stored = [slots.slots_of(layer).adapters[n] for n in names]
-        arrays = _combined(layer, stored, [weights[n] for n in names])
-        if method == "svd":
-            k = rank or max(s.rank for s in stored)
-            arrays = _truncated(arrays, k)
-        ranks[path] = k = arrays["lora_b"].shape[0]
+        held = slots.slots_of(layer).adapters
+        covering = [n for n in names if n in held]
+        stored = [held[n] for n in covering]
+        w = [weights[n] for n in covering]
+        options = dict(density=density, sign_method=sign_method, rng=rng)
+        if method == "cat":
+            arrays = _cat(stored, w)
+        elif method in merge_methods.METHODS:
+            arrays = _factors(rule, stored, w, options)
+        else:
+            arrays = _truncated(rule, stored, w, rank or largest, options)
+        arrays.update(_bias(layer, stored, w))
+        new_ranks[path] = k = arrays["lora_b"].shape[0]
         slots.put(layer, name, arrays, k, k, False, "default")
-    named_adapters.refill(model, ranks)
-    return ranks
+    named_adapters.refill(model, new_ranks)
+    return new_ranks
 
 
-def _combined(layer, stored, weights):
-    """The "cat" factors (scale 1) and bias of `sum_i w_i s_i A_i @ B_i`."""
+def _cat(stored, weights):
+    """The stacked factors (scale 1) of `sum_i w_i s_i A_i @ B_i`."""
     a = np.concatenate(
         [w * s.scale * slots._numpy(s.a) for s, w in zip(stored, weights)],
         axis=-1,
     )
     b = np.concatenate([slots._numpy(s.b) for s in stored], axis=0)
-    arrays = {"lora_a": a.astype("float32"), "lora_b": b.astype("float32")}
-    base = slots.slots_of(layer).base_bias
-    if base is not None:
-        base = slots._numpy(base)
-        change = sum(
-            w * (slots._numpy(s.bias) - base) for s, w in zip(stored, weights)
-        )
-        arrays["bias"] = (base + change).astype("float32")
-    return arrays
+    return {"lora_a": a.astype("float32"), "lora_b": b.astype("float32")}
 
 
-def _truncated(arrays, rank):
-    """The best rank-`rank` factors (scale 1) of the "cat" update."""
-    a, b = arrays["lora_a"], arrays["lora_b"]
-    a_shape, b_shape = a.shape[:-1], b.shape[1:]
-    # (in, R) @ (R, out) -> (in, out)
-    matrix = ops.matmul(a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1))
+def _factors(rule, stored, weights, options):
+    """PEFT's factor merge: A with `sign(w s) sqrt(|w s|)`, B with
+    `sqrt(|w s|)`, each by `rule` (the A's drawn first, then the B's)."""
+    roots = [math.sqrt(abs(w * s.scale)) for s, w in zip(stored, weights)]
+    signs = [1.0 if w * s.scale >= 0 else -1.0 for s, w in zip(stored, weights)]
+    a = merge_methods.merge(
+        rule,
+        [slots._numpy(s.a) for s in stored],
+        [sign * root for sign, root in zip(signs, roots)],
+        **options,
+    )
+    b = merge_methods.merge(
+        rule, [slots._numpy(s.b) for s in stored], roots, **options
+    )
+    return {"lora_a": a.astype("float32"), "lora_b": b.astype("float32")}
+
+
+def _truncated(rule, stored, weights, rank, options):
+    """The best rank-`rank` factors (scale 1) of the updates `s_i A_i @
+    B_i` merged by `rule` with weights `w_i`."""
+    a_shape = tuple(stored[0].a.shape[:-1])
+    b_shape = tuple(stored[0].b.shape[1:])
+    updates = []
+    for s in stored:
+        a = slots._numpy(s.a).astype("float64").reshape(-1, s.rank)
+        b = slots._numpy(s.b).astype("float64").reshape(s.rank, -1)
+        updates.append(s.scale * a @ b)  # (in, r) @ (r, out) -> (in, out)
+    matrix = merge_methods.merge(rule, updates, weights, **options)
     a, b = svd_factors(matrix, rank)
     return {
-        **arrays,
         "lora_a": slots._numpy(a).reshape(a_shape + (rank,)),
         "lora_b": slots._numpy(b).reshape((rank,) + b_shape),
     }
+
+
+def _bias(layer, stored, weights):
+    """`{"bias": base + sum_i w_i (bias_i - base)}` where the layer trains
+    its bias, else `{}`."""
+    base = slots.slots_of(layer).base_bias
+    if base is None:
+        return {}
+    base = slots._numpy(base)
+    change = sum(
+        w * (slots._numpy(s.bias) - base) for s, w in zip(stored, weights)
+    )
+    return {"bias": (base + change).astype("float32")}

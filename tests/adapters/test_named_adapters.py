@@ -517,9 +517,13 @@ BAD = [
         "already holds",
     ),
     (
-        lambda m, p: combine_adapters(m, {"b": 1.0, "q": 1.0}, name="c"),
+        # Different targets combine (over their union), but "b" (rank 3)
+        # and "q" (rank 2) meet at layer_1: no entrywise factor merge.
+        lambda m, p: combine_adapters(
+            m, {"b": 1.0, "q": 1.0}, method="linear", name="c"
+        ),
         ValueError,
-        "same targets",
+        "equal rank",
     ),
 ]
 
