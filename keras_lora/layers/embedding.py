@@ -14,6 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lora.layers import dora
 from keras_lora.layers.base import LoRALayer
 from keras_lora.utils import checks as _checks
 
@@ -93,6 +94,7 @@ class LoRAEmbedding(LoRALayer):
 
     base_class = keras.layers.Embedding
     frozen_name = "embeddings"
+    supports_dora = True
     quant_axis = 1  # scales along each row, so a call gathers rows
     keeps_keras_int8 = True
     # A config, not an instance: an unseeded instance repeats its draws, so
@@ -142,6 +144,8 @@ class LoRAEmbedding(LoRALayer):
             if isinstance(weights, (list, tuple)) and len(weights) == 1:
                 weights = weights[0]
             self._assign_frozen(np.asarray(weights))
+            if self.use_dora:  # m from the table given, not the drawn one
+                dora.reset_magnitude(self)
 
     def build(self, input_shape=None):
         if self.built:
@@ -165,6 +169,8 @@ class LoRAEmbedding(LoRALayer):
         # (..., r) @ (r, out) -> (..., out)
         update = ops.matmul(self._lora_inputs(rows, training), self._lora_b())
         outputs = ops.add(outputs, ops.multiply(update, self.scale))
+        if self.use_dora:  # (..., out) * m / ||E + scale * A @ B||_c
+            outputs = dora.rescale(self, outputs)
         return ops.cast(outputs, self.compute_dtype)
 
     def compute_mask(self, inputs, mask=None):

@@ -4,6 +4,7 @@ uses the adapted table too (keras-hub's `ReversibleEmbedding`)."""
 import keras
 from keras import ops
 
+from keras_lora.layers import dora
 from keras_lora.layers.embedding import LoRAEmbedding
 from keras_lora.utils import checks as _checks
 
@@ -115,6 +116,10 @@ class LoRAReversibleEmbedding(LoRAEmbedding):
             # (..., out) @ (out, in) -> (..., in)
             logits = ops.matmul(inputs, kernel)
         else:
+            if self.use_dora and not self._adapters_off:
+                # x @ (m * V / ||V||_c)^T = (x * m / ||V||_c) @ V^T, with
+                # V = E + s A B: (..., out) * (out,)
+                inputs = dora.rescale(self, inputs)
             lora_inputs = self._lora_inputs(inputs, training)
             tensors = (inputs, lora_inputs, self._frozen_value())
             tensors += (self.lora_a, self._lora_b())
