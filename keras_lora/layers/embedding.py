@@ -53,14 +53,25 @@ class LoRAEmbedding(LoRALayer):
     the same distribution.
 
     Dropout (if any) applies to the gathered `lora_a` rows, the LoRA
-    branch's only float input, during training only.
+    branch's only float input, during training only (PEFT's `Embedding`
+    applies no dropout at all).
+
+    With `use_dora=True` (PEFT's `DoraEmbeddingLayer`) the layer also
+    learns `lora_magnitude` `m`, one value per embedding dimension
+    `(output_dim,)`, and gathers rows of `m * V / ||V||_c` with
+    `V = E + scale * lora_a @ lora_b`, the norm of each column taken over
+    the vocabulary (held constant in the backward pass):
+    `(take(E, ids) + scale * dropout(take(lora_a, ids)) @ lora_b) * m /
+    ||V||_c`. `m` starts at those norms, so a fresh layer is still exact;
+    each call forms `V` for its norms (input_dim x output_dim).
 
     Args:
         input_dim: Positive integer, the vocabulary size.
         output_dim: Positive integer, the embedding dimension.
         rank, alpha, dropout, lora_a_initializer, lora_b_initializer,
-            lora_regularizer, use_rslora, lora_init: The LoRA arguments, as
-            in `LoRALayer` (`train_bias` is accepted and unused).
+            lora_regularizer, use_rslora, lora_init, use_dora, base_dtype,
+            double_quant: The LoRA arguments, as in `LoRALayer`
+            (`train_bias` is accepted and unused).
         embeddings_initializer: Initializer for the frozen table.
         embeddings_regularizer: Regularizer for `lora_a` and `lora_b`, as
             with Keras's `Embedding.enable_lora` (the table is frozen).

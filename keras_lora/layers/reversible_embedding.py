@@ -21,6 +21,14 @@ class LoRAReversibleEmbedding(LoRAEmbedding):
     forward table gets the update. `to_base()` returns a
     `keras.layers.ReversibleEmbedding`, also for keras-hub's subclass.
 
+    With `use_dora=True` the tied projection uses the same DoRA table as
+    the forward lookup, `m * V / ||V||_c` with `V = E + scale * A @ B`
+    (see `LoRAEmbedding`), so a merged layer gives the same logits:
+    `x @ (m * V / ||V||_c)^T = (x * m / ||V||_c) @ V^T`, factorised as
+    above on the rescaled `x`. (PEFT's `ensure_weight_tying` instead gives
+    a tied `lm_head` its own DoRA magnitude per vocabulary row, so its
+    head no longer uses the embedding's table; keras-hub has one table.)
+
     Args:
         input_dim, output_dim, rank, alpha, dropout, ...: As in
             `LoRAEmbedding`; in reverse, dropout applies to the LoRA
