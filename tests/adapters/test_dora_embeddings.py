@@ -140,3 +140,28 @@ def test_named_adapters_refuse_dora_embeddings_as_other_kinds():
     assert len(model.weights) == len(before)
     for old, v in zip(before, model.weights):
         np.testing.assert_array_equal(_np(v), old)
+
+
+def test_keras_hub_causal_lm_tied_table_merges_exactly():
+    # GPT-2's head reverses its token table: lookups and logits both use
+    # the DoRA table, so the merged ReversibleEmbedding gives the logits.
+    import tiny_causal_lm
+
+    base = tiny_causal_lm.gpt2_causal_lm()
+    x = {
+        "token_ids": np.array([[1, 5, 7, 2, 3, 4, 0, 0]]),
+        "padding_mask": np.array([[1] * 6 + [0] * 2]),
+    }
+    model = apply_lora(base, rank=2, targets=["token_embedding"], use_dora=True)
+    np.testing.assert_array_equal(_np(model(x)), _np(base(x)))
+    layer = model.backbone.token_embedding
+    rng = np.random.default_rng(2)
+    for v in (layer.lora_a, layer.lora_b, layer.lora_magnitude):
+        v.assign(rng.normal(size=v.shape))
+    logits = _np(model(x))
+    assert not np.allclose(logits, _np(base(x)), atol=1e-2)
+    merged = merge_lora(model)
+    assert type(merged.backbone.token_embedding).__name__ == (
+        "ReversibleEmbedding"
+    )
+    np.testing.assert_allclose(_np(merged(x)), logits, rtol=1e-5, atol=1e-5)
