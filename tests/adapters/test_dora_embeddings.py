@@ -74,9 +74,7 @@ def test_a_train_step_moves_the_adapter_and_merges_exactly():
     )
     ids, labels = _data()
     model.fit(ids, labels, epochs=1, batch_size=8, verbose=0)
-    np.testing.assert_array_equal(
-        _np(layer.embeddings), before["embeddings"]
-    )
+    np.testing.assert_array_equal(_np(layer.embeddings), before["embeddings"])
     for name in names[1:]:
         assert not np.allclose(_np(getattr(layer, name)), before[name]), name
     merged = merge_lora(model)
