@@ -330,6 +330,19 @@ def test_keras_int8_table_keeps_its_codes_and_starts_exact():
     )
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_is_exact_and_keeps_magnitude_in_float32(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    base, layer, ids, hidden = _dora("reversible")
+    assert layer.lora_magnitude.dtype == "float32"
+    y = layer(ids)
+    assert keras.backend.standardize_dtype(y.dtype) == policy[6:]
+    np.testing.assert_array_equal(_np(y), _np(base(ids)))
+    np.testing.assert_array_equal(
+        _np(layer(hidden, reverse=True)), _np(base(hidden, reverse=True))
+    )
+
+
 class DoraEmbeddingLayerTest(TestCase):
     def test_layer_contract(self):
         for cls in (LoRAEmbedding, LoRAReversibleEmbedding):
