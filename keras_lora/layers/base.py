@@ -96,8 +96,9 @@ class LoRALayer(
         double_quant: Boolean, NF4 only: store the block scales in 8 bits.
         use_dora: Boolean; DoRA (Liu et al., 2024, arXiv:2402.09353): a
             trainable magnitude `lora_magnitude` per output unit rescales
-            each output column of `W + scale * A @ B` (see `dora.py`).
-            Only kinds with a kernel support it.
+            each output column of `W + scale * A @ B` (see `dora.py`);
+            for an embedding, one per embedding dimension, the norm taken
+            over the vocabulary.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Reference:

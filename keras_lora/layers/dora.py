@@ -28,11 +28,21 @@ computed as `g * (x_d @ W + scale * (x_d @ A) @ B) + (x @ W - x_d @ W)`
 (`combine`). Without dropout, or outside training, `x_d = x` and it is the
 form above.
 
+An embedding table `E` (vocab, dim) is its own (in, out) view, so the
+same functions serve `LoRAEmbedding` (PEFT's `DoraEmbeddingLayer`): one
+magnitude per embedding dimension, the norm of each column over the
+vocabulary, the gathered rows `(E[ids] + scale * A[ids] @ B)` rescaled
+(`rescale`; its dropout acts on the gathered `A` rows, inside the branch,
+so the base path needs no second product). The tied reverse projection
+of `LoRAReversibleEmbedding` rescales its input instead:
+`x @ (m * V / ||V||_c)^T = (x * m / ||V||_c) @ V^T`.
+
 Sources:
 - Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", 2024,
   arXiv:2402.09353 (eq. 5 and section 4.3).
 - Hugging Face PEFT `src/peft/tuners/lora/dora.py` (`DoraLinearLayer`:
-  magnitude initialised to `||W + scale * B A||`, the norm detached).
+  magnitude initialised to `||W + scale * B A||`, the norm detached;
+  `DoraEmbeddingLayer`: the same over the table's vocabulary axis).
 """
 
 from keras import ops

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lora.layers import dora
 from keras_lora.layers.base import LoRALayer
 from keras_lora.utils import checks as _checks
 
@@ -52,14 +53,25 @@ class LoRAEmbedding(LoRALayer):
     the same distribution.
 
     Dropout (if any) applies to the gathered `lora_a` rows, the LoRA
-    branch's only float input, during training only.
+    branch's only float input, during training only (PEFT's `Embedding`
+    applies no dropout at all).
+
+    With `use_dora=True` (PEFT's `DoraEmbeddingLayer`) the layer also
+    learns `lora_magnitude` `m`, one value per embedding dimension
+    `(output_dim,)`, and gathers rows of `m * V / ||V||_c` with
+    `V = E + scale * lora_a @ lora_b`, the norm of each column taken over
+    the vocabulary (held constant in the backward pass):
+    `(take(E, ids) + scale * dropout(take(lora_a, ids)) @ lora_b) * m /
+    ||V||_c`. `m` starts at those norms, so a fresh layer is still exact;
+    each call forms `V` for its norms (input_dim x output_dim).
 
     Args:
         input_dim: Positive integer, the vocabulary size.
         output_dim: Positive integer, the embedding dimension.
         rank, alpha, dropout, lora_a_initializer, lora_b_initializer,
-            lora_regularizer, use_rslora, lora_init: The LoRA arguments, as
-            in `LoRALayer` (`train_bias` is accepted and unused).
+            lora_regularizer, use_rslora, lora_init, use_dora, base_dtype,
+            double_quant: The LoRA arguments, as in `LoRALayer`
+            (`train_bias` is accepted and unused).
         embeddings_initializer: Initializer for the frozen table.
         embeddings_regularizer: Regularizer for `lora_a` and `lora_b`, as
             with Keras's `Embedding.enable_lora` (the table is frozen).
@@ -93,6 +105,7 @@ class LoRAEmbedding(LoRALayer):
 
     base_class = keras.layers.Embedding
     frozen_name = "embeddings"
+    supports_dora = True
     quant_axis = 1  # scales along each row, so a call gathers rows
     keeps_keras_int8 = True
     # A config, not an instance: an unseeded instance repeats its draws, so
@@ -142,6 +155,8 @@ class LoRAEmbedding(LoRALayer):
             if isinstance(weights, (list, tuple)) and len(weights) == 1:
                 weights = weights[0]
             self._assign_frozen(np.asarray(weights))
+            if self.use_dora:  # m from the table given, not the drawn one
+                dora.reset_magnitude(self)
 
     def build(self, input_shape=None):
         if self.built:
@@ -165,6 +180,8 @@ class LoRAEmbedding(LoRALayer):
         # (..., r) @ (r, out) -> (..., out)
         update = ops.matmul(self._lora_inputs(rows, training), self._lora_b())
         outputs = ops.add(outputs, ops.multiply(update, self.scale))
+        if self.use_dora:  # (..., out) * m / ||E + scale * A @ B||_c
+            outputs = dora.rescale(self, outputs)
         return ops.cast(outputs, self.compute_dtype)
 
     def compute_mask(self, inputs, mask=None):

@@ -4,6 +4,7 @@ uses the adapted table too (keras-hub's `ReversibleEmbedding`)."""
 import keras
 from keras import ops
 
+from keras_lora.layers import dora
 from keras_lora.layers.embedding import LoRAEmbedding
 from keras_lora.utils import checks as _checks
 
@@ -19,6 +20,14 @@ class LoRAReversibleEmbedding(LoRAEmbedding):
     separate `reverse_embeddings` are frozen and not adapted: only the
     forward table gets the update. `to_base()` returns a
     `keras.layers.ReversibleEmbedding`, also for keras-hub's subclass.
+
+    With `use_dora=True` the tied projection uses the same DoRA table as
+    the forward lookup, `m * V / ||V||_c` with `V = E + scale * A @ B`
+    (see `LoRAEmbedding`), so a merged layer gives the same logits:
+    `x @ (m * V / ||V||_c)^T = (x * m / ||V||_c) @ V^T`, factorised as
+    above on the rescaled `x`. (PEFT's `ensure_weight_tying` instead gives
+    a tied `lm_head` its own DoRA magnitude per vocabulary row, so its
+    head no longer uses the embedding's table; keras-hub has one table.)
 
     Args:
         input_dim, output_dim, rank, alpha, dropout, ...: As in
@@ -115,6 +124,10 @@ class LoRAReversibleEmbedding(LoRAEmbedding):
             # (..., out) @ (out, in) -> (..., in)
             logits = ops.matmul(inputs, kernel)
         else:
+            if self.use_dora and not self._adapters_off:
+                # x @ (m * V / ||V||_c)^T = (x * m / ||V||_c) @ V^T, with
+                # V = E + s A B: (..., out) * (out,)
+                inputs = dora.rescale(self, inputs)
             lora_inputs = self._lora_inputs(inputs, training)
             tensors = (inputs, lora_inputs, self._frozen_value())
             tensors += (self.lora_a, self._lora_b())

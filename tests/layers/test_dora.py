@@ -28,8 +28,6 @@ from keras_lora.layers import (
     LoRAConv2D,
     LoRADense,
     LoRAEinsumDense,
-    LoRAEmbedding,
-    LoRAReversibleEmbedding,
 )
 
 EINSUM = {
@@ -417,29 +415,6 @@ def test_training_moves_magnitude_and_factors_not_the_kernel():
     np.testing.assert_array_equal(after["kernel"], before["kernel"])
     for name in names[1:]:
         assert not np.allclose(after[name], before[name]), name
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: LoRAEmbedding(10, 4, use_dora=True),
-        lambda: LoRAReversibleEmbedding(10, 4, use_dora=True),
-    ],
-)
-def test_embeddings_refuse_dora_by_name(make):
-    with pytest.raises(ValueError, match="(?s)Embedding.*use_dora=True"):
-        make()
-
-
-def test_apply_lora_refuses_dora_on_an_embedding_and_changes_nothing():
-    base = keras.Sequential(
-        [keras.Input((3,), dtype="int32"), keras.layers.Embedding(10, 4)]
-    )
-    before = [_np(v) for v in base.weights]
-    with pytest.raises(ValueError, match="LoRAEmbedding.*DoRA"):
-        apply_lora(base, targets=[base.layers[0].name], use_dora=True)
-    for old, v in zip(before, base.weights):
-        np.testing.assert_array_equal(_np(v), old)
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])
