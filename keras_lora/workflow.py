@@ -152,6 +152,7 @@ def adapt(
                 train_bias=train_bias,
                 **lora_kwargs,
             )
+        _freeze.record_base_flag(new, old)  # for `unload`
         replacements[path] = (old, new)
     if before_swap is not None:
         before_swap({p: new for p, (_, new) in replacements.items()})
