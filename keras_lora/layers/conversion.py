@@ -128,9 +128,10 @@ class BaseConversion:
         copied by value. Raises `ValueError` naming the layer, before
         creating anything, if the merged weight holds NaN or inf. A
         quantised base is dequantised and merged in float32; with
-        `requantize="int8"` (LoRADense, LoRAEmbedding) the merged layer is
-        then quantised by Keras and its `requantization_error` attribute
-        holds the weight's relative Frobenius error that added.
+        `requantize="int8"` (LoRADense, LoRAEinsumDense, LoRAEmbedding) the
+        merged layer is then quantised by Keras and its
+        `requantization_error` attribute holds the weight's relative
+        Frobenius error that added.
         """
         check_requantize(self, requantize)
         merged = np.array(ops.convert_to_numpy(self.merged_kernel()))

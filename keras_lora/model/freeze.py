@@ -55,7 +55,9 @@ def freeze_all_but_lora(model, keep):
 def _before(layer):
     """(flag, [(variable, its trainable flag)]) of `layer`'s own trainable
     store, before it is frozen."""
-    return layer.trainable, [(v, v.trainable) for v in layer._trainable_variables]
+    return layer.trainable, [
+        (v, v.trainable) for v in layer._trainable_variables
+    ]
 
 
 def record_base_flag(lora_layer, base):

@@ -79,7 +79,9 @@ def unload(model, inplace=False):
     if refused:
         raise ValueError(
             f"Cannot unload '{model.name}': the base of "
-            + "; ".join(f"'{p}' cannot come back: {w}" for p, w in refused.items())
+            + "; ".join(
+                f"'{p}' cannot come back: {w}" for p, w in refused.items()
+            )
             + ". Use `merge_lora` to keep the adapted weights instead."
         )
     bases = {}
