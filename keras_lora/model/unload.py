@@ -86,7 +86,8 @@ def unload(model, inplace=False):
         )
     bases = {}
     for path, layer in lora.items():
-        base = unmerged.base_layer(layer)
+        with _tree.name_scope_of(path):  # variable paths as in `apply_lora`
+            base = unmerged.base_layer(layer)
         base.trainable = _freeze.base_flag(layer)
         bases[path] = (layer, base)
     if inplace:
