@@ -19,6 +19,7 @@ from keras_lora import (
     set_adapter,
     unload,
 )
+from keras_lora.model import positions
 from keras_lora.model import tree as _tree
 
 RNG = np.random.default_rng(0)
@@ -69,13 +70,15 @@ def _perturb(model, seed=0):
 
 def _flags(model):
     """Each layer's flag, and each of its own weights' name and whether
-    the model trains it, by layer path."""
+    the model trains it, by layer position (a copy's generated names
+    differ)."""
     trained = {id(w) for w in model.trainable_weights}
+    where = positions.positions(model)
     out = []
     for path, layer in [("", model)] + list(_tree.walk(model)):
         own = layer._trainable_variables + layer._non_trainable_variables
         weights = sorted((w.name, id(w) in trained) for w in own)
-        out.append((path, layer.trainable, weights))
+        out.append((where.get(path, ()), layer.trainable, weights))
     return out
 
 
