@@ -48,8 +48,9 @@ def unload(model, inplace=False):
     other int8 kinds.
 
     Trainable flags come back as they were before `apply_lora` froze them
-    (known for a model `apply_lora` made in this process); layers kept fully
-    trainable (`keep_trainable`) stay as they trained, as in PEFT. The
+    (known for a model `apply_lora` made in this process; PEFT's `unload`
+    leaves the base frozen instead); layers kept fully trainable
+    (`keep_trainable`) stay as they trained, as in PEFT. The
     result holds no LoRA layer and loads with plain Keras (and keras-hub
     for its models), without importing keras_lora. The copy leaves `model`
     unchanged; an in-place unload leaves `model` uncompiled, as

@@ -31,14 +31,16 @@ def _np(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
-def _dense_model():
-    """Dense layers and a BatchNormalization the base itself froze."""
+def _dense_model(frozen=("bn",)):
+    """Dense layers and a BatchNormalization, the `frozen` ones frozen by
+    the base itself."""
     keras.utils.set_random_seed(0)
     x = keras.Input((5,))
     h = keras.layers.Dense(8, activation="relu", name="hidden")(x)
     h = keras.layers.BatchNormalization(name="bn")(h)
     model = keras.Model(x, keras.layers.Dense(3, name="head")(h))
-    model.get_layer("bn").trainable = False
+    for name in frozen:
+        model.get_layer(name).trainable = False
     return model
 
 
@@ -106,9 +108,11 @@ def _assert_unchanged(model, snapshot, lora_paths):
         np.testing.assert_array_equal(new, old, err_msg=path)
 
 
-@pytest.mark.parametrize("inplace", [False, True])
-def test_dense_model_comes_back_exactly_with_its_flags(inplace):
-    base = _dense_model()
+@pytest.mark.parametrize(
+    "inplace, frozen", [(False, ("bn",)), (True, ("bn",)), (False, ("hidden",))]
+)
+def test_dense_model_comes_back_exactly_with_its_flags(inplace, frozen):
+    base = _dense_model(frozen)
     lora = apply_lora(base, rank=2)
     _perturb(lora)
     assert np.abs(_np(lora(X)) - _np(base(X))).max() > 0.1
@@ -154,6 +158,21 @@ def test_named_adapters_and_dora_are_all_dropped(named):
         _perturb(lora, seed=1)
     assert np.abs(_np(lora(X)) - _np(base(X))).max() > 0.1
     _assert_is_the_base(unload(lora), base, X)
+
+
+def test_a_model_loaded_from_a_file(tmp_path):
+    # The base's bias is in the file; the flags `apply_lora` froze are not:
+    # the other layers keep theirs, each restored layer takes its LoRA
+    # layer's.
+    base = _dense_model()
+    lora = apply_lora(base, rank=2)
+    _perturb(lora)
+    lora.save(tmp_path / "lora.keras")
+    loaded = keras.saving.load_model(tmp_path / "lora.keras")
+    unloaded = unload(loaded)
+    np.testing.assert_allclose(_np(unloaded(X)), _np(base(X)), atol=1e-6)
+    flags = {x.name: x.trainable for x in unloaded.layers[1:]}
+    assert flags == {"hidden": True, "bn": False, "head": True}
 
 
 class Subclassed(keras.Model):  # layer names generated, not registered
