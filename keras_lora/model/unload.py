@@ -56,10 +56,11 @@ def unload(model, inplace=False):
     unchanged; an in-place unload leaves `model` uncompiled, as
     `merge_lora(inplace=True)` does.
 
-    Raises `ValueError`, changing nothing, for a model without LoRA layers,
-    inside `disable_adapters`, or with a layer whose base cannot come back
-    (its frozen weight is a PiSSA residual: use `merge_lora`), naming the
-    layers; `TypeError` for a non-model or a non-bool `inplace`.
+    Raises, changing nothing, `TypeError` for a non-model and `ValueError`
+    for a non-bool `inplace` (as `merge_lora`), a model without LoRA
+    layers, a call inside `disable_adapters`, or layers whose base cannot
+    come back (a frozen weight that is a PiSSA residual: use `merge_lora`),
+    naming them.
 
     Example:
 
@@ -79,10 +80,9 @@ def unload(model, inplace=False):
     refused = {p: why for p, why in refused.items() if why is not None}
     if refused:
         raise ValueError(
-            f"Cannot unload '{model.name}': the base of "
-            + "; ".join(
-                f"'{p}' cannot come back: {w}" for p, w in refused.items()
-            )
+            f"Cannot unload '{model.name}': the base of each layer here "
+            "cannot come back: "
+            + "; ".join(f"'{p}': {why}" for p, why in refused.items())
             + ". Use `merge_lora` to keep the adapted weights instead."
         )
     bases = {}
