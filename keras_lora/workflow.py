@@ -152,6 +152,7 @@ def adapt(
                 train_bias=train_bias,
                 **lora_kwargs,
             )
+        _freeze.record_base_flag(new, old)  # for `unload`
         replacements[path] = (old, new)
     if before_swap is not None:
         before_swap({p: new for p, (_, new) in replacements.items()})
@@ -177,10 +178,11 @@ def merge_lora(model, requantize=None, inplace=False):
     merge leaves `model` uncompiled, as `apply_lora(inplace=True)` does.
 
     A quantised base is dequantised and merged in float32. With
-    `requantize="int8"`, every merged Dense and Embedding is then quantised
-    by Keras (`layer.quantize("int8")`) and its `requantization_error`
-    attribute holds the relative Frobenius error of its weight that this
-    added; other LoRA kinds are refused before anything is built.
+    `requantize="int8"`, every merged Dense, EinsumDense and Embedding is
+    then quantised by Keras (`layer.quantize("int8")`) and its
+    `requantization_error` attribute holds the relative Frobenius error of
+    its weight that this added; other LoRA kinds (convolutions) are refused
+    before anything is built. To drop the adapters instead, see `unload`.
     """
     _checks.boolean("inplace", inplace)
     lora = _tree.lora_layers(model)

@@ -20,7 +20,7 @@ BEFORE_THE_SPLIT = [
     "load_peft_adapters", "lora_layout_map", "lora_parameter_count",
     "merge_lora", "print_trainable_parameters", "rank_report",
     "read_adapters", "read_peft_adapters", "save_adapters",
-    "save_peft_adapters", "set_adapter",
+    "save_peft_adapters", "set_adapter", "unload",
 ]  # fmt: skip
 
 

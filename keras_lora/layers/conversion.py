@@ -128,9 +128,10 @@ class BaseConversion:
         copied by value. Raises `ValueError` naming the layer, before
         creating anything, if the merged weight holds NaN or inf. A
         quantised base is dequantised and merged in float32; with
-        `requantize="int8"` (LoRADense, LoRAEmbedding) the merged layer is
-        then quantised by Keras and its `requantization_error` attribute
-        holds the weight's relative Frobenius error that added.
+        `requantize="int8"` (LoRADense, LoRAEinsumDense, LoRAEmbedding) the
+        merged layer is then quantised by Keras and its
+        `requantization_error` attribute holds the weight's relative
+        Frobenius error that added.
         """
         check_requantize(self, requantize)
         merged = np.array(ops.convert_to_numpy(self.merged_kernel()))
@@ -140,6 +141,17 @@ class BaseConversion:
                 "merged weight holds NaN or inf. Expected finite weights; "
                 "check the training run or reload the adapters."
             )
+        base = self._rebuild_base({self.frozen_name: merged})
+        if requantize is not None:
+            requantize_base(base, requantize)
+        return base
+
+    def _rebuild_base(self, values, quantize=None):
+        """A built base layer from this layer's config (every base argument
+        kept): each weight takes its value from `values` (name -> array),
+        else this layer's weight of the same name, by value. With
+        `quantize="int8"` Keras quantises the layer before the values are
+        assigned (so codes and scales can be)."""
         config = self.get_config()
         for key in LORA_KEYS + ("trainable",):
             config.pop(key, None)
@@ -147,16 +159,13 @@ class BaseConversion:
             config["activity_regularizer"] = self.activity_regularizer
         base = self._base_class_for_merge().from_config(config)
         base.build_from_config(self.get_build_config())
-        values = {v.name: v for v in self.weights}
+        if quantize is not None:
+            base.quantize(quantize)
+        own = {v.name: v for v in self.weights}
         for variable in base.weights:
-            if variable.name == self.frozen_name:
-                variable.assign(merged)
-            elif variable.name in values:
-                variable.assign(
-                    np.array(ops.convert_to_numpy(values[variable.name]))
-                )
-        if requantize is not None:
-            requantize_base(base, requantize)
+            value = values.get(variable.name, own.get(variable.name))
+            if value is not None:
+                variable.assign(np.array(ops.convert_to_numpy(value)))
         return base
 
     def _base_class_for_merge(self):

@@ -89,6 +89,7 @@ class LoRADense(LoRALayer):
 
     base_class = keras.layers.Dense
     keeps_keras_int8 = True
+    requantizes_int8 = True
     supports_dora = True
 
     def __init__(

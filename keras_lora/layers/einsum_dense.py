@@ -74,6 +74,7 @@ class LoRAEinsumDense(LoRALayer):
 
     base_class = keras.layers.EinsumDense
     supports_dora = True
+    requantizes_int8 = True
 
     def __init__(
         self,

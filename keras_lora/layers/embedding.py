@@ -108,6 +108,7 @@ class LoRAEmbedding(LoRALayer):
     supports_dora = True
     quant_axis = 1  # scales along each row, so a call gathers rows
     keeps_keras_int8 = True
+    requantizes_int8 = True
     # A config, not an instance: an unseeded instance repeats its draws, so
     # every layer would start from the same lora_a.
     default_lora_a_initializer = {

@@ -66,3 +66,11 @@ def refuse_unknown(model, caller):
             "file. Call it on the model `apply_lora` returned, or rebuild "
             "the model from its base (`apply_adapters`)."
         )
+
+
+def forget(model):
+    """Drops the base snapshots and marks of the kept layers under `model`
+    (`unload`: no adapter is left to disable)."""
+    for _, layer in _tree.walk(model):
+        layer.__dict__.pop(KEPT, None)
+        layer.__dict__.pop(UNKNOWN, None)

@@ -127,30 +127,40 @@ class QuantizeEntry:
 
 def check_requantize(layer, requantize):
     """Raises `ValueError` unless `requantize` is None, or "int8" for a
-    LoRA kind whose merged base Keras quantises in our int8 layout."""
+    LoRA kind whose merged base Keras quantises to int8."""
     if requantize is None:
         return
-    if requantize != "int8" or not layer.keeps_keras_int8:
+    if requantize != "int8" or not layer.requantizes_int8:
         raise ValueError(
-            f"Expected requantize=None, or 'int8' for a LoRADense or "
-            f"LoRAEmbedding. Received: requantize={requantize!r} for "
-            f"{type(layer).__name__} '{layer.name}'."
+            f"Expected requantize=None, or 'int8' for a LoRADense, "
+            f"LoRAEinsumDense or LoRAEmbedding. Received: "
+            f"requantize={requantize!r} for {type(layer).__name__} "
+            f"'{layer.name}'."
         )
 
 
 def requantize_base(base, mode):
-    """Quantises a merged float Dense or Embedding `base` with Keras's own
-    `quantize(mode)` and records the weight's relative Frobenius error,
-    `||dequantised - merged|| / ||merged||`, as `base.requantization_error`.
-    (Keras's int8 layers also quantise their inputs in the call.)"""
+    """Quantises a merged float Dense, EinsumDense or Embedding `base` with
+    Keras's own `quantize(mode)` and records the weight's relative
+    Frobenius error, `||dequantised - merged|| / ||merged||`, as
+    `base.requantization_error`. (Keras's int8 layers also quantise their
+    inputs in the call.)"""
     name = (
         "embeddings" if isinstance(base, keras.layers.Embedding) else ("kernel")
     )
     merged = np.asarray(ops.convert_to_numpy(getattr(base, name)), "float64")
     base.quantize(mode)
     codes = np.asarray(ops.convert_to_numpy(getattr(base, name)), "float64")
-    scale = np.asarray(ops.convert_to_numpy(getattr(base, name + "_scale")))
-    scale = scale[:, None] if name == "embeddings" else scale[None, :]
+    scale = ops.convert_to_tensor(getattr(base, name + "_scale"))
+    if isinstance(base, keras.layers.EinsumDense):
+        # Keras keeps the scale in the output's layout; its own dequantising
+        # step lays it out along the kernel's axes.
+        scale = base._adjust_scale_for_dequant(scale)
+    scale = np.asarray(ops.convert_to_numpy(scale), "float64")
+    if isinstance(base, keras.layers.Embedding):
+        scale = scale[:, None]  # one scale per row
+    elif isinstance(base, keras.layers.Dense):
+        scale = scale[None, :]  # one scale per output unit
     error = np.linalg.norm(codes / scale - merged)
     base.requantization_error = float(error / np.linalg.norm(merged))
     return base

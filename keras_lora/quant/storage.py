@@ -39,6 +39,9 @@ class QuantizedBase(QuantizeEntry):
     # Whether `from_base` keeps a Keras int8 layer's codes and scales
     # (same names, shapes and `code / scale` convention as ours).
     keeps_keras_int8 = False
+    # Whether `merge_lora(requantize="int8")` may quantise the merged base
+    # with Keras (`requantize_base`).
+    requantizes_int8 = False
 
     @classmethod
     def _storage_for_base(cls, layer, base_dtype, double_quant):

@@ -210,8 +210,3 @@ def test_requantize_refusals_build_nothing():
     lora = _embedding_dense_lora(None)
     with pytest.raises(ValueError, match="requantize='nf4'"):
         merge_lora(lora, requantize="nf4")
-    keras.utils.set_random_seed(0)
-    einsum = LoRAEinsumDense("ab,bc->ac", 4, rank=2)
-    einsum.build((None, 8))
-    with pytest.raises(ValueError, match="LoRAEinsumDense"):
-        einsum.to_base(requantize="int8")
