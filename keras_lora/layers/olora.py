@@ -30,7 +30,6 @@ Sources:
 from keras import ops
 
 
-
 def qr_factors(matrix, rank):
     """Returns `(a, b)`, OLoRA's factors of an (in, out) `matrix`: `a`
     (in, rank) the first rows of R transposed, `b` (rank, out) the first
