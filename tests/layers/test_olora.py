@@ -14,6 +14,7 @@ from keras_lora import (
     apply_adapters,
     apply_lora,
     disable_adapters,
+    list_adapters,
     load_adapters,
     merge_lora,
     save_adapters,
@@ -23,6 +24,15 @@ from keras_lora.layers import LoRAConv1D, LoRAConv2D, olora
 
 def _np(x):
     return np.array(keras.ops.convert_to_numpy(x))
+
+
+def _values(layer):
+    return [_np(v) for v in layer.weights]
+
+
+def _same(before, layer):
+    for old, new in zip(before, layer.weights):
+        np.testing.assert_array_equal(old, _np(new))
 
 
 def _reference(matrix, rank, scale):
@@ -167,11 +177,10 @@ def test_quantised_base_splits_then_quantises_the_residual():
     assert 0 < error < 0.2 * np.abs(residual).max()
     merged = _np(layer.merged_kernel())
     np.testing.assert_allclose(merged - w, stored - residual, atol=1e-5)
-    before = [_np(v) for v in layer.weights]
+    before = _values(layer)
     with pytest.raises(ValueError, match="base_dtype='nf4'.*'olora'"):
         layer.olora_split()
-    for old, new in zip(before, layer.weights):
-        np.testing.assert_array_equal(old, _np(new))
+    _same(before, layer)
 
 
 def _model(seed=0):
@@ -245,11 +254,10 @@ def test_adapter_file_rebuilds_the_model_from_a_fresh_base(tmp_path):
         (apply_lora(fresh, rank=2), "lora_init is 'olora' in the file"),
         (apply_lora(fresh, rank=2, lora_init="pissa"), "lora_init is 'olo"),
     ):
-        before = [_np(v) for v in other.weights]
+        before = _values(other)
         with pytest.raises(AdapterMismatchError, match=match):
             load_adapters(other, path)
-        for old, new in zip(before, other.weights):
-            np.testing.assert_array_equal(old, _np(new))
+        _same(before, other)
 
 
 def test_keras_file_reloads_without_a_second_split(tmp_path, monkeypatch):
@@ -271,15 +279,6 @@ def test_keras_file_reloads_without_a_second_split(tmp_path, monkeypatch):
         for a, b in zip(old.weights, new.weights):
             np.testing.assert_array_equal(_np(a), _np(b))
     np.testing.assert_array_equal(_np(loaded(x)), expected)
-
-
-def _values(layer):
-    return [_np(v) for v in layer.weights]
-
-
-def _same(before, layer):
-    for old, new in zip(before, layer.weights):
-        np.testing.assert_array_equal(old, _np(new))
 
 
 @pytest.mark.parametrize(
@@ -319,20 +318,22 @@ def test_olora_split_of_a_trained_layer_keeps_its_output():
 def test_shared_base_features_refuse_olora_layers(tmp_path):
     base = _model()
     lora = apply_lora(base, rank=2, lora_init="olora")
-    before = [_np(v) for v in lora.weights]
+    before = _values(lora)
     with pytest.raises(ValueError, match=r"OLoRA layers.*\['hidden'"):
         add_adapter(lora, "b")
     with pytest.raises(ValueError, match=r"disable_adapters.*OLoRA"):
         with disable_adapters(lora):
             pass
+    _same(before, lora)
     # An OLoRA file into a named adapter of a plain model: refused too.
     save_adapters(lora, tmp_path / "o.lora.h5")
     plain = apply_lora(base, rank=2)
     add_adapter(plain, "b")
+    before = _values(plain)
     with pytest.raises(AdapterMismatchError, match="of an OLoRA split"):
         load_adapters(plain, tmp_path / "o.lora.h5", name="o")
-    for old, new in zip(before, lora.weights):
-        np.testing.assert_array_equal(old, _np(new))
+    _same(before, plain)
+    assert list_adapters(plain) == ["default", "b"]
 
 
 def test_unknown_init_is_refused():
