@@ -332,6 +332,8 @@ def test_shared_base_features_refuse_olora_layers(tmp_path):
     before = _values(plain)
     with pytest.raises(AdapterMismatchError, match="of an OLoRA split"):
         load_adapters(plain, tmp_path / "o.lora.h5", name="o")
+    with pytest.raises(ValueError, match="lora_init='olora'"):
+        add_adapter(plain, "o", lora_init="olora")
     _same(before, plain)
     assert list_adapters(plain) == ["default", "b"]
 
