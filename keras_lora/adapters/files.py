@@ -6,8 +6,8 @@ when the layer's configuration trains it (`train_bias`), stored as float32
 whatever the layer's dtype, plus a JSON record per layer: its path in the
 model (never its position), kind, rank, alpha, rsLoRA flag, init, DoRA
 flag, dtype, the frozen weight's shape and a SHA-256 fingerprint of the
-frozen weight the factors belong to (for PiSSA, the weight before the
-split, so the file does not depend on a backend's SVD).
+frozen weight the factors belong to (for PiSSA and OLoRA, the weight
+before the split, so the file does not depend on a backend's SVD or QR).
 The recommended suffix is `.lora.h5`; any path is written as given.
 `load_adapters` checks everything before it writes anything (peer bug for
 contrast: keras-hub keyed adapters by position and loaded them into the

@@ -97,8 +97,8 @@ def add_adapter(
             paths, a regex string or a callable `layer -> bool`, as in
             `apply_lora`.
         use_rslora: Boolean, scale `alpha / sqrt(rank)`.
-        lora_init: `"default"` or `"gaussian"` (PiSSA changes the shared
-            base, so it is refused).
+        lora_init: `"default"` or `"gaussian"` (PiSSA and OLoRA change the
+            shared base, so they are refused).
 
     Returns:
         The paths of the layers the adapter reaches.
@@ -207,8 +207,8 @@ def disable_adapters(model):
     function you traced yourself (`tf.function`, `jax.jit`) keeps what it
     traced.
 
-    Raises `ValueError`, naming the layers, for PiSSA layers (their
-    frozen weight is a residual, not the base), for a LoRA layer whose
+    Raises `ValueError`, naming the layers, for PiSSA and OLoRA layers
+    (their frozen weight is a residual, not the base), for a LoRA layer whose
     bias trains and whose base bias is unknown (built without `from_base`
     / `apply_lora`, or loaded from a file saved by an older keras_lora),
     and inside another `disable_adapters` block. A kept layer's base

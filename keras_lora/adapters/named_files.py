@@ -86,11 +86,13 @@ def _problems(layers, saved):
                 )
         if record.get("use_dora"):
             problems.append(f"'{path}': a DoRA adapter, not a plain LoRA one")
-        if record.get("lora_init") == "pissa":
+        split = {"pissa": "a PiSSA", "olora": "an OLoRA"}
+        if record.get("lora_init") in split:
             # Its factors belong to the residual, not to the shared base.
             problems.append(
-                f"'{path}': a PiSSA adapter (lora_init='pissa'), whose "
-                "frozen weight is a residual, not the base"
+                f"'{path}': an adapter of {split[record['lora_init']]} "
+                f"split (lora_init={record['lora_init']!r}), whose frozen "
+                "weight is a residual, not the base"
             )
         rank = record["rank"]
         want = {

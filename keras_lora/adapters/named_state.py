@@ -110,14 +110,16 @@ def names_arg(names):
 def refuse_unsupported(
     layers, called="Named adapters do not support", dora=True
 ):
-    """Refuses PiSSA layers (whose frozen weight is a residual, not the
-    base) and, with `dora`, DoRA layers (one magnitude per layer), naming
-    them and what was `called`."""
+    """Refuses PiSSA and OLoRA layers (whose frozen weight is a residual,
+    not the base) and, with `dora`, DoRA layers (one magnitude per layer),
+    naming them and what was `called`."""
     pissa = [p for p, x in layers.items() if x.lora_init == "pissa"]
+    olora = [p for p, x in layers.items() if x.lora_init == "olora"]
     uses_dora = [p for p, x in layers.items() if getattr(x, "use_dora", 0)]
     for paths, why in (
         (uses_dora if dora else [], "DoRA layers (one magnitude per layer)"),
         (pissa, "PiSSA layers (their frozen weight is not the base's)"),
+        (olora, "OLoRA layers (their frozen weight is not the base's)"),
     ):
         if paths:
             raise ValueError(

@@ -43,7 +43,7 @@ from keras_lora.layers.remat import RematWithTraining
 from keras_lora.quant.storage import QuantizedBase
 from keras_lora.utils import checks as _checks
 
-LORA_INITS = ("default", "gaussian", "pissa")
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
 
 
 class SumRegularizer(keras.regularizers.Regularizer):
@@ -83,12 +83,14 @@ class LoRALayer(
             `alpha / rank`.
         lora_init: `"default"`, `"gaussian"` (`lora_a` normal with standard
             deviation `1/rank`, PEFT's `init_lora_weights="gaussian"`;
-            `lora_b = 0`) or `"pissa"` (the factors take the top-`rank`
+            `lora_b = 0`), `"pissa"` (the factors take the top-`rank`
             singular part of the frozen weight, which keeps the residual;
-            applied by `from_base` or `pissa_split()`, never on a reload).
-        pissa_fingerprint: Set by `pissa_split()`: the fingerprint of the
-            weight it split, which adapter files record as the base. Leave
-            it None.
+            applied by `from_base` or `pissa_split()`, never on a reload)
+            or `"olora"` (the factors take a QR's first `rank` rows of R
+            and columns of Q, as PEFT's; likewise, by `olora_split()`).
+        pissa_fingerprint: Set by `pissa_split()` and `olora_split()`: the
+            fingerprint of the weight it split, which adapter files record
+            as the base. Leave it None.
         base_dtype: Storage of the frozen weight: None (the layer's
             variable dtype), "float32", "bfloat16", "float16", "int8"
             (per-output abs-max) or "nf4" (QLoRA's 4-bit NormalFloat,

@@ -66,8 +66,8 @@ class BaseConversion:
         initializers, regularizers, constraints on the trainable bias), its
         weights are copied by value (`layer` is not changed and shares no
         buffer with the result), and the new layer computes exactly what
-        `layer` computes until it trains. With `lora_init="pissa"` the
-        weight is split here, once.
+        `layer` computes until it trains. With `lora_init="pissa"` (or
+        `"olora"`) the weight is split here, once.
 
         Args:
             layer: A built instance of `base_class`.
@@ -103,6 +103,8 @@ class BaseConversion:
             dora.reset_magnitude(new)
         if new.lora_init == "pissa":
             new.pissa_split()
+        if new.lora_init == "olora":
+            new.olora_split()
         if base_dtype not in (None, stored):  # after a split: QPiSSA
             new.quantize_base(base_dtype, double_quant=double_quant)
         if new.use_dora:  # m from the weights as they end up (split, stored)

@@ -1,28 +1,30 @@
 """The linear-map view of a LoRA layer: every kind's frozen weight is an
 (in_features, out_features) matrix up to a fixed permutation and reshape.
 
-Merging, PiSSA, rank reports, extraction and adapter files work on this
-view (`kernel_matrix`, `delta_matrix`, `merged_kernel`), so they need not
-know the layer's kind.
+Merging, PiSSA, OLoRA, rank reports, extraction and adapter files work on
+this view (`kernel_matrix`, `delta_matrix`, `merged_kernel`), so they need
+not know the layer's kind.
 
 Sources:
 - Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021,
   arXiv:2106.09685 (the update `scale * A @ B`).
 - Meng et al., "PiSSA", 2024, arXiv:2404.02948 (SVD initialisation).
+- Büyükakyüz, "OLoRA", 2024, arXiv:2406.01775 (QR initialisation).
 """
 
 import math
 
 from keras import ops
 
-from keras_lora.layers import dora
+from keras_lora.layers import dora, olora
 from keras_lora.layers.fingerprint import weight_fingerprint
 from keras_lora.utils.linalg import svd_factors
 
 
 class LinearMapView:
     """Mixin of `LoRALayer`: the frozen weight and the update as matrices,
-    the merged kernel, the PiSSA split and the base's fingerprint."""
+    the merged kernel, the PiSSA and OLoRA splits and the base's
+    fingerprint."""
 
     @property
     def frozen_weight(self):
@@ -86,13 +88,32 @@ class LinearMapView:
         After the call the frozen weight holds the residual and
         `scale * lora_a @ lora_b` the best rank-`rank` approximation of the
         merged weight, so the layer's output is unchanged up to rounding,
-        whether or not the layer has trained.
+        whether or not the layer has trained. Refused on an OLoRA layer.
         """
-        self._require_built("pissa_split")
-        self._refuse_split_of_int_base()
+        self._split("pissa_split", svd_factors, self.scale)
+
+    def olora_split(self):
+        """Folds the current update in, then moves OLoRA's part of the
+        result into the factors (`lora_init="olora"` layers only; see
+        `keras_lora.layers.olora`).
+
+        After the call `lora_a` holds the first `rank` rows of R and
+        `lora_b` the first `rank` columns of Q (transposed, in our
+        layout) for `Q, R = qr(W^T)`, and the frozen weight holds
+        `W - scale * lora_a @ lora_b`, so the layer's output is unchanged
+        up to rounding. `from_base(..., lora_init="olora")` calls it.
+        """
+        self._split("olora_split", olora.qr_factors)
+
+    def _split(self, method, factors, *factor_args):
+        """Replaces the frozen weight by `merged - scale * a @ b` for
+        `(a, b) = factors(merged, rank, *factor_args)`."""
+        self._require_built(method)
+        olora.check_split(self, method)
+        self._refuse_split_of_int_base(method.split("_")[0])
         merged_kernel = self.merged_kernel()
         merged = self._to_matrix(merged_kernel)
-        a, b = svd_factors(merged, self.rank, self.scale)
+        a, b = factors(merged, self.rank, *factor_args)
         # (in, r) @ (r, out) -> (in, out)
         residual = ops.subtract(
             ops.cast(merged, "float32"), self.scale * ops.matmul(a, b)
@@ -106,7 +127,8 @@ class LinearMapView:
 
     def base_fingerprint(self):
         """The fingerprint of the frozen weight the factors belong to: the
-        weight before the PiSSA split if there was one, else the weight."""
+        weight before the PiSSA or OLoRA split if there was one, else the
+        weight."""
         if self.pissa_fingerprint is not None:
             return self.pissa_fingerprint
         if self.base_dtype not in (None, "float32"):

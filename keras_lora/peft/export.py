@@ -50,8 +50,9 @@ def _check(table, lora, model):
                 f"{sorted(table.modules)} (PEFT names only those here)"
             )
         elif layer.lora_init == "pissa" or layer.pissa_fingerprint:
+            split = "OLoRA" if layer.lora_init == "olora" else "PiSSA"
             problems.append(
-                f"'{path}': PiSSA changed its frozen weight, which a PEFT "
+                f"'{path}': {split} changed its frozen weight, which a PEFT "
                 "adapter for the original base cannot carry"
             )
         elif getattr(layer, "bias", None) is not None and layer.train_bias:

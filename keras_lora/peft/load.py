@@ -204,8 +204,9 @@ def fit_existing(lora, plan):
     for path in sorted(set(plan) & set(lora)):
         layer, entry = lora[path], plan[path]
         if layer.lora_init == "pissa" or layer.pissa_fingerprint:
+            split = "OLoRA" if layer.lora_init == "olora" else "PiSSA"
             problems.append(
-                f"'{path}': PiSSA moved part of its frozen weight into the "
+                f"'{path}': {split} moved part of its frozen weight into the "
                 "factors; a PEFT adapter is for the original weight"
             )
             continue

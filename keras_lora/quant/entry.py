@@ -68,14 +68,16 @@ class QuantizeEntry:
         if keras.backend.backend() == "torch":
             self._track_variables()
 
-    def _refuse_split_of_int_base(self):
+    def _refuse_split_of_int_base(self, init="pissa"):
+        """Refuses a PiSSA / OLoRA split (`init`) of an integer base."""
         if self.base_dtype in quant.INT_MODES:
+            what = "QPiSSA" if init == "pissa" else "a quantised split"
             raise ValueError(
                 f"{type(self).__name__} '{self.name}' cannot split its "
                 f"base: it is stored as base_dtype={self.base_dtype!r}. "
-                "Expected a float base; for QPiSSA (split, then quantise "
-                "the residual) use `from_base(layer, lora_init='pissa', "
-                "base_dtype=...)` or `apply_lora(..., lora_init='pissa', "
+                f"Expected a float base; for {what} (split, then quantise "
+                f"the residual) use `from_base(layer, lora_init='{init}', "
+                f"base_dtype=...)` or `apply_lora(..., lora_init='{init}', "
                 "base_dtype=...)`."
             )
 
