@@ -230,6 +230,30 @@ def test_pissa_adapters_fingerprint_round_trip(tmp_path):
         load_adapters(plain, tmp_path / "p.lora.h5")
 
 
+def test_pissa_split_of_a_default_layer_records_pissa(tmp_path):
+    # A file of a layer split after `apply_lora` rebuilds the residual on a
+    # fresh base; recorded as lora_init="default", it loaded the factors
+    # onto the unsplit base (max |error| ~2).
+    from keras_lora import apply_adapters
+
+    base = build_baseline_model(input_dim=8, units=(6, 3), compile=False)
+    lora = apply_lora(base, rank=2)
+    splits = [x for x in lora.layers if isinstance(x, LoRADense)]
+    for layer in splits:
+        layer.pissa_split()
+    assert {layer.lora_init for layer in splits} == {"pissa"}
+    for w in lora.trainable_weights:
+        w.assign(w + 0.1)
+    save_adapters(lora, tmp_path / "p.lora.h5")
+    records = read_adapters(tmp_path / "p.lora.h5").values()
+    assert {r["lora_init"] for r, _ in records} == {"pissa"}
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+    restored = apply_adapters(base, tmp_path / "p.lora.h5")
+    np.testing.assert_allclose(restored(x), lora(x), atol=1e-5)
+    with pytest.raises(ValueError, match="lora_init is .pissa. in the file"):
+        load_adapters(apply_lora(base, rank=2), tmp_path / "p.lora.h5")
+
+
 def test_gaussian_init():
     layer = LoRADense(200, rank=16, lora_init="gaussian")
     layer.build((None, 400))

@@ -122,6 +122,10 @@ class LinearMapView:
         self.lora_a.assign(ops.reshape(a, self.lora_a.shape))
         self.lora_b.assign(ops.reshape(b, self.lora_b.shape))
         self.pissa_fingerprint = weight_fingerprint(merged_kernel)
+        if method == "pissa_split":
+            # Recorded in the config and adapter files, so that a file
+            # rebuilds the residual rather than loading onto the base.
+            self.lora_init = "pissa"
         if self.use_dora:  # DoRA's merge is folded in: m = its column norms
             dora.reset_magnitude(self)
 
