@@ -166,7 +166,7 @@ def adapter_name(label, weight):
 
 
 def check_weights(weights):
-    """Refuses `weights` unless a non-empty sequence of distinct positive,
+    """Refuses `weights` unless a non-empty tuple or list of distinct positive,
     finite numbers (each names its own rows and adapters)."""
     if not isinstance(weights, (tuple, list)) or not all(
         isinstance(w, numbers.Real) and not isinstance(w, bool) for w in weights
