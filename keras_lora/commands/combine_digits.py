@@ -4,23 +4,46 @@ and 5-9, combined by `combine_adapters`' methods (see
 
 import argparse
 import json
+import math
 
 from keras_lora.commands.verbose import add_verbose
 from keras_lora.utils.argtypes import positive_int
 
 
-def densities(text):
-    """Comma-separated numbers in (0, 1], such as 0.3,0.5,0.8."""
+def _numbers(text, valid, expected):
+    """Distinct comma-separated numbers, each `valid`; else the error
+    says `expected` and the text received."""
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
         values = ()
-    if not values or not all(0 < v <= 1 for v in values):
+    if (
+        not values
+        or len(set(values)) != len(values)
+        or not all(valid(v) for v in values)
+    ):
         raise argparse.ArgumentTypeError(
-            "expected comma-separated densities in (0, 1] such as "
-            f"0.3,0.5,0.8, received {text!r}"
+            f"expected {expected}, received {text!r}"
         )
     return values
+
+
+def densities(text):
+    """Distinct comma-separated numbers in (0, 1], such as 0.3,0.5,0.8."""
+    return _numbers(
+        text,
+        lambda v: 0 < v <= 1,
+        "distinct comma-separated densities in (0, 1] such as 0.3,0.5,0.8",
+    )
+
+
+def weights(text):
+    """Distinct comma-separated positive, finite numbers, such as 0.5,1."""
+    return _numbers(
+        text,
+        lambda v: 0 < v < math.inf,
+        "distinct comma-separated positive, finite weights such as 0.5,1",
+    )
 
 
 def add_arguments(p):
@@ -36,6 +59,14 @@ def add_arguments(p):
         type=densities,
         help="the TIES and DARE densities, comma-separated (default: "
         + ",".join(f"{d:g}" for d in merging.DENSITIES)
+        + ")",
+    )
+    p.add_argument(
+        "--weights",
+        type=weights,
+        help="the combination weights, comma-separated: each combines "
+        "both adapters with that weight each (default: "
+        + ",".join(f"{w:g}" for w in merging.WEIGHTS)
         + ")",
     )
     p.add_argument(
@@ -60,6 +91,7 @@ def run(args):
     given = {
         "seeds": None if args.seeds is None else tuple(range(args.seeds)),
         "densities": args.densities,
+        "weights": args.weights,
         "epochs": args.epochs,
     }
     with _progress.to_stderr(args.verbose):

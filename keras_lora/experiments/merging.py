@@ -12,7 +12,8 @@ model keeps its 10-way head, so each task is scored over all 10 classes.
 Per seed: one model holds two named adapters (`add_adapter`, rank
 `RANK`, alpha = rank, every Dense layer with its bias), each trained on
 its own task's training images alone (Adam at 1e-2, batch 64, `EPOCHS`
-epochs, a fresh optimizer per task), then combined with weight 1 each by:
+epochs, a fresh optimizer per task), then combined, at each weight w of
+`WEIGHTS` (w for each adapter: 0.5 is their average, 1 their sum), by:
 - "cat": the exact sum of the two updates (rank 2 x `RANK`);
 - "svd": its best rank-`RANK` approximation;
 - "linear": PEFT's factor merge (A's summed, B's summed: cross terms);
@@ -34,6 +35,8 @@ arXiv:2311.03099 (DARE); Hugging Face PEFT `add_weighted_adapter`.
 """
 
 import dataclasses
+import math
+import numbers
 import statistics
 
 import keras
@@ -52,6 +55,8 @@ from keras_lora.workflow import apply_lora
 
 SEEDS = (0, 1, 2, 3, 4)
 DENSITIES = (0.3, 0.5, 0.8)
+# Each combines both adapters with weight w each.
+WEIGHTS = (0.5, 1.0)
 RANK = 8
 EPOCHS = 30
 PRETRAIN_EPOCHS = digits.PRETRAIN_EPOCHS
@@ -129,9 +134,11 @@ def train_adapters(base, tasks, seed, rank=RANK, epochs=EPOCHS):
 
 @dataclasses.dataclass
 class Row:
-    """One table row: per seed, its accuracy on each task."""
+    """One table row: per seed, its accuracy on each task; `weight` (each
+    adapter's, in `combine_adapters`) is None where nothing is combined."""
 
     label: str
+    weight: float
     kwargs: dict
     accuracies: dict  # column (`COLUMNS`) -> [one per seed]
 
@@ -152,38 +159,67 @@ class Result:
     models: list
 
 
-def adapter_name(label):
+def adapter_name(label, weight):
     """The adapter a row's combination is stored as in its model."""
+    label = f"{label} weight {weight:g}"
     return "".join(c if c.isalnum() or c in "._" else "_" for c in label)
+
+
+def check_weights(weights):
+    """Refuses `weights` unless a non-empty tuple or list of distinct positive,
+    finite numbers (each names its own rows and adapters)."""
+    if not isinstance(weights, (tuple, list)) or not all(
+        isinstance(w, numbers.Real) and not isinstance(w, bool) for w in weights
+    ):
+        raise TypeError(
+            "Expected `weights` to be a tuple or list of numbers. "
+            f"Received: weights={weights!r}"
+        )
+    if (
+        not weights
+        or len(set(weights)) != len(weights)
+        or not all(0 < w < math.inf for w in weights)
+    ):
+        raise ValueError(
+            "Expected `weights` to be distinct positive, finite numbers, "
+            f"at least one. Received: weights={weights!r}"
+        )
 
 
 def run_experiment(
     seeds=SEEDS,
     densities=DENSITIES,
+    weights=WEIGHTS,
     rank=RANK,
     epochs=EPOCHS,
     pretrain_epochs=PRETRAIN_EPOCHS,
 ):
     """Pretrains once, then per seed trains both adapters and scores them
-    and their combinations on both tasks; returns a `Result`."""
+    and their combinations at each weight on both tasks; returns a
+    `Result`."""
+    check_weights(weights)
     tasks = load_tasks()
     base = digits.pretrain(tasks, epochs=pretrain_epochs)
-    labels = [("base (no adapter)", {})]
-    labels += [(f"{task} adapter only", {}) for task in TASKS]
-    labels += combinations(densities)
-    rows = [Row(x, kw, {c: [] for c in COLUMNS}) for x, kw in labels]
+    labels = [("base (no adapter)", None, {})]
+    labels += [(f"{task} adapter only", None, {}) for task in TASKS]
+    labels += [
+        (label, float(w), kw)
+        for label, kw in combinations(densities)
+        for w in weights
+    ]
+    rows = [Row(*x, {c: [] for c in COLUMNS}) for x in labels]
     models = []
     for seed in seeds:
         model = train_adapters(base, tasks, seed, rank, epochs)
         for row in rows:
             if row.kwargs:
-                name = adapter_name(row.label)
+                name = adapter_name(row.label, row.weight)
                 seeded = (
                     {"seed": seed} if "dare" in row.kwargs["method"] else {}
                 )
                 combine_adapters(
                     model,
-                    {"low": 1.0, "high": 1.0},
+                    {"low": row.weight, "high": row.weight},
                     **row.kwargs,
                     **seeded,
                     name=name,
@@ -203,7 +239,7 @@ def run_experiment(
         _progress.report(
             f"seed {seed}: "
             + ", ".join(
-                f"{r.label} {r.accuracies['low'][-1]:.1%}/"
+                f"{r.label}{_weight(r)} {r.accuracies['low'][-1]:.1%}/"
                 f"{r.accuracies['high'][-1]:.1%}"
                 for r in rows
             )
@@ -217,6 +253,7 @@ def summary(result):
     return [
         {
             "combination": row.label,
+            "weight": row.weight,
             **{
                 f"{column}_{key}": value
                 for column in COLUMNS
@@ -232,16 +269,21 @@ def summary(result):
 
 
 HEADER = (
-    "| adapter | digits 0-4 (%) | digits 5-9 (%) | both, mean (%) "
+    "| adapter | weight | digits 0-4 (%) | digits 5-9 (%) | both, mean (%) "
     "| 0-4 among 0-4 (%) | 5-9 among 5-9 (%) |"
 )
+
+
+def _weight(row):
+    return "" if row.weight is None else f" (weight {row.weight:g})"
 
 
 def format_markdown(result):
     """The results page's table: per row, the accuracy on each task over
     all 10 classes, their mean, and each task's accuracy over its own 5
-    classes; mean ± std over the seeds, in %."""
-    lines = [HEADER, "|---|---:|---:|---:|---:|---:|"]
+    classes; mean ± std over the seeds, in %. A row that combines nothing
+    has weight "-"."""
+    lines = [HEADER, "|---|---:|---:|---:|---:|---:|---:|"]
     for row in result.rows:
         low, high = row.accuracies["low"], row.accuracies["high"]
         columns = [low, high, [(a + b) / 2 for a, b in zip(low, high)]]
@@ -250,5 +292,7 @@ def format_markdown(result):
             f"{100 * statistics.mean(c):.1f} ± {100 * statistics.pstdev(c):.1f}"
             for c in columns
         ]
-        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+        weight = "-" if row.weight is None else f"{row.weight:g}"
+        cells = [row.label, weight, *cells]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
