@@ -14,6 +14,14 @@ for a plain-LoRA adapter and for the base, row N); per example,
     y_k = (x_k @ W + x_k @ A_k @ (scale_k * B_k)) * g[id_k] + bias[id_k]
 
 which is what `apply_adapters(base, paths[id_k])` computes for example k.
+
+An embedding table `E` (vocab, dim) is its own (in, out) view, so `g` has
+one value per embedding dimension (the norm over the vocabulary). The
+lookup scales each example's gathered rows by its `g` row; the tied
+reverse projection of a `ReversibleEmbedding` scales each example's input
+instead, before the shared table and its adapter's branch:
+`logits_k = (x_k * g[id_k]) @ (E + scale_k * A_k @ B_k)^T`, as
+`LoRAReversibleEmbedding` computes.
 PEFT refuses a mixed batch when any loaded adapter uses DoRA (`Cannot pass
 adapter_names when DoRA is enabled`) unless no example selects it.
 
@@ -28,6 +36,17 @@ import numpy as np
 from keras import ops
 
 from keras_lora.layers import dora
+
+
+def scale_examples(layer, tensor, ids):
+    """`tensor` `(b, ..., *out)` times each example's factor row (gathered
+    by its id; -1 takes row N, all ones), or `tensor` as it is when no
+    adapter of the serving `layer` uses DoRA."""
+    if layer.dora_factors is None:
+        return tensor
+    # (N + 1, *out) -> (b, *out): each example's m / ||W + s A B||_c
+    rows = ops.take(layer.dora_factors, layer._rows(ids), axis=0)
+    return layer._scale_units(tensor, ops.cast(rows, tensor.dtype))
 
 
 def dora_factor(layer):

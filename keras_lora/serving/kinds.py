@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_lora.serving.conv import MultiAdapterConv1D, MultiAdapterConv2D
+from keras_lora.serving.dora import scale_examples
 from keras_lora.serving.layers import MultiAdapterLayer
 
 
@@ -151,6 +152,8 @@ class MultiAdapterEmbedding(MultiAdapterLayer):
         )
         # (b, ..., R) @ (R, out) -> (b, ..., out)
         outputs = ops.add(outputs, ops.matmul(rows, self.lora_b))
+        # (b, ..., out) * (b, 1, ..., out): each example's DoRA factor
+        outputs = scale_examples(self, outputs, ids)
         return ops.cast(outputs, self.compute_dtype)
 
     def compute_mask(self, inputs, mask=None):
@@ -161,8 +164,9 @@ class MultiAdapterEmbedding(MultiAdapterLayer):
 class MultiAdapterReversibleEmbedding(MultiAdapterEmbedding):
     """A ReversibleEmbedding serving N adapters, one per example: forward
     as `MultiAdapterEmbedding`; in reverse the logits use each example's
-    adapted, tied table, as `LoRAReversibleEmbedding` does (an untied
-    reverse projection is not adapted)."""
+    adapted, tied table, as `LoRAReversibleEmbedding` does (a DoRA
+    adapter's factor scales the example's input; an untied reverse
+    projection is not adapted)."""
 
     base_class = keras.layers.ReversibleEmbedding
 
@@ -181,6 +185,9 @@ class MultiAdapterReversibleEmbedding(MultiAdapterEmbedding):
         if not layer.tie_weights:
             return layer.call(inputs, reverse=True)
         ids = self._ids(inputs, adapter_ids)
+        # x_k @ (g_k * V_k)^T = (x_k * g_k) @ V_k^T: each example's DoRA
+        # factor on the input, before the shared table and its branch
+        inputs = scale_examples(self, inputs, ids)
         tensors = (inputs, layer.embeddings, self.lora_a, self.lora_b)
         if layer.reverse_dtype is not None:
             tensors = [ops.cast(t, layer.reverse_dtype) for t in tensors]

@@ -26,7 +26,8 @@ An adapter whose file trains the bias has its own bias row; the rows are
 gathered per example (row N is the base's bias, for id -1).
 
 A layer with a DoRA adapter also keeps `dora_factors` `(N + 1, *out)`,
-each example's pre-bias output scaled by its row (`keras_lora.serving.dora`).
+each example's pre-bias output scaled by its row (an embedding's tied
+reverse projection scales its input instead; `keras_lora.serving.dora`).
 
 The ids come from the serving model (`keras_lora.serving.model`), which hands
 them to every serving layer of its pass; a layer called alone takes them as
@@ -40,6 +41,8 @@ Hu et al., 2021, arXiv:2106.09685.
 import keras
 import numpy as np
 from keras import ops
+
+from keras_lora.serving.dora import scale_examples
 
 STRATEGIES = ("concat", "gather")
 
@@ -268,11 +271,7 @@ class MultiAdapterLayer(keras.layers.Layer):
 
     def _add_bias(self, outputs, ids):
         """Each example's DoRA factor, bias row, then the activation."""
-        if self.dora_factors is not None:
-            # (N + 1, *out) -> (b, *out): each example's m / ||W + s A B||_c
-            rows = ops.take(self.dora_factors, self._rows(ids), axis=0)
-            rows = ops.cast(rows, outputs.dtype)
-            outputs = self._scale_units(outputs, rows)
+        outputs = scale_examples(self, outputs, ids)
         ndim = len(outputs.shape)
         if self.biases is not None:
             # (N + 1, *bias) -> (b, *bias), placed per example

@@ -214,6 +214,25 @@ def _numpy_dora_dense(base, path, x):
     return x
 
 
+def _numpy_dora_table(base, path, x):
+    """`embedding_base` / `reversible_base` with a DoRA file on the table
+    alone, in numpy: `V = E + s A B`, `g = m / ||V||_col` (the norm over
+    the vocabulary, one per embedding dim); the lookup gives `V[x] * g`,
+    the tied reverse projection `(h * g) @ V^T` (PEFT's DoraEmbeddingLayer;
+    Liu et al., 2024, eq. 5)."""
+    from keras_lora.adapters.files import read_adapters
+
+    ((name, (record, arrays)),) = read_adapters(path).items()
+    s = record["alpha"] / record["rank"]
+    a, bb, m = arrays["lora_a"], arrays["lora_b"], arrays["lora_magnitude"]
+    v = _np(base.get_layer(name).embeddings) + s * a @ bb
+    g = m / np.linalg.norm(v, axis=0)
+    h = v[x] * g  # (b, t, dim) * (dim,)
+    dense = base.get_layer("head" if name == "emb" else "mid")
+    h = h @ _np(dense.kernel) + _np(dense.bias)
+    return h if name == "emb" else (np.tanh(h) * g) @ v.T
+
+
 DORA = {
     # A DoRA file, a plain one and another DoRA file of another rank, with
     # different targets; `kind` names the inputs.
@@ -224,6 +243,15 @@ DORA = {
         [(2, None, True), (3, ["general"])],
     ),
     "conv": (conv_base, [(2, CONVS, True), (3, ["c2"]), (1, ["c1"], True)]),
+    # Tables: the lookup, and the tied reverse projection (reversible).
+    "embedding": (
+        embedding_base,
+        [(2, ["emb"], True), (3, ["emb", "head"]), (1, ["emb", "head"], True)],
+    ),
+    "reversible": (
+        reversible_base,
+        [(2, ["tok"], True), (3, ["tok", "mid"]), (1, ["tok", "mid"], True)],
+    ),
     "conv_first": (
         lambda: conv_base("channels_first"),
         [(2, ["c2"], True), (1, CONVS)],
@@ -256,16 +284,18 @@ def test_dora_examples_equal_their_own_adapted_model(
     expected = _applied(base, paths, x, ids)
     got = model.predict_on_batch([x, ids])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    if kind == "dense":  # and DoRA from the paper's formula, in numpy
+    numpy = {"dense": _numpy_dora_dense, "embedding": _numpy_dora_table}
+    numpy["reversible"] = _numpy_dora_table
+    if kind in numpy:  # and DoRA from the paper's formula, in numpy
         rows = ids == 0
-        want = _numpy_dora_dense(base, paths[0], x[rows])
+        want = numpy[kind](base, paths[0], x[rows])
         np.testing.assert_allclose(got[rows], want, rtol=1e-5, atol=1e-5)
     for i in range(n):
         rows = ids == i
         assert not np.allclose(expected[rows], _np(base(x[rows])))
 
 
-@pytest.mark.parametrize("kind", ["dense", "conv"])
+@pytest.mark.parametrize("kind", ["dense", "conv", "reversible"])
 def test_dora_loaded_but_not_selected_serves(dora_served, kind):
     # As PEFT's test_mixed_adapter_batches_lora_with_dora_but_dora_not_
     # included_works: adapter 0 (DoRA) is loaded, no example selects it.
@@ -283,13 +313,14 @@ def test_dora_loaded_but_not_selected_serves(dora_served, kind):
     )
 
 
-def test_dora_and_conv_serve_compiled_and_after_a_round_trip(
-    dora_served, tmp_path
+@pytest.mark.parametrize("kind", ["conv", "reversible"])
+def test_dora_serves_compiled_and_after_a_round_trip(
+    dora_served, kind, tmp_path
 ):
-    base, paths = dora_served["conv"]
+    base, paths = dora_served[kind]
     model = build_multi_adapter_model(base, paths)
     ids = np.array([2, 0, -1, 1, 0], "int32")
-    x = _inputs("conv", len(ids))
+    x = _inputs(kind, len(ids))
     expected = _applied(base, paths, x, ids)
     model.save(tmp_path / "serving.keras")
     loaded = keras.saving.load_model(tmp_path / "serving.keras")
