@@ -11,6 +11,7 @@ Subcommands, one module each in `keras_lora.commands`:
 - `digits`: the fine-tuning experiment (see `keras_lora.experiments.digits`).
 - `transfer`: LoRA on a transformer (see `keras_lora.experiments.transfer`).
 - `rank-report`: the singular-value report of one layer (or of its update).
+- `loftq-report`: per quantised layer, its error against the float base.
 
 A subcommand's module is imported, and its options added, only when the
 command line names it, so `keras-lora --help`, `--version` and `inspect`
@@ -60,6 +61,11 @@ COMMANDS = {
     "rank-report": (
         "rank_report",
         "singular-value report of a layer's kernel (or its update)",
+    ),
+    "loftq-report": (
+        "loftq_report",
+        "per layer, how close an int8/NF4 LoRA model starts to its float "
+        "base (LoftQ against plain quantisation)",
     ),
 }
 

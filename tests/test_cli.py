@@ -240,6 +240,10 @@ def test_wrong_file_type_is_a_usage_error(capsys, tmp_path):
         (["digits", "--seeds", "2"], {"seeds": (0, 1)}),
         (["digits", "--ranks", "2,16"], {"ranks": (2, 16)}),
         (["digits", "--epochs", "5"], {"epochs": 5}),
+        (
+            ["digits", "--methods", "lora_r8_nf4,lora_r8_nf4_loftq"],
+            {"methods": ("lora_r8_nf4", "lora_r8_nf4_loftq")},
+        ),
     ],
 )
 def test_digits_defaults_are_the_modules(capsys, monkeypatch, argv, expected):
@@ -275,6 +279,7 @@ def test_digits_module_defaults_agree():
         "epochs": digits.EPOCHS,
         "pretrain_epochs": digits.PRETRAIN_EPOCHS,
         "extras": digits.EXTRAS,
+        "methods": None,
     }
     assert defaults(digits.pretrain)["epochs"] == digits.PRETRAIN_EPOCHS
     assert defaults(digits.adapt)["epochs"] == digits.EPOCHS

@@ -29,6 +29,17 @@ def add_arguments(p):
         help=f"adaptation epochs (default: {digits.EPOCHS})",
     )
     p.add_argument(
+        "--methods",
+        type=_methods,
+        help="run only these methods, comma-separated, e.g. "
+        "lora_r8_nf4,lora_r8_nf4_loftq (default: frozen, full, lora_r{r} "
+        "per rank and, at the largest, "
+        + ", ".join(digits.EXTRAS)
+        + "; "
+        + ", ".join(digits.LOFTQ_EXTRAS)
+        + " on request)",
+    )
+    p.add_argument(
         "--format",
         choices=("markdown", "json"),
         default="markdown",
@@ -36,6 +47,23 @@ def add_arguments(p):
     )
     add_verbose(p)
     p.set_defaults(run=run)
+
+
+def _methods(text):
+    import argparse
+    import re
+
+    names = tuple(text.split(","))
+    known = re.compile(
+        r"frozen|full|dora_r\d+|lora_r\d+(_(int8|nf4)(_loftq)?)?"
+    )
+    bad = [n for n in names if not known.fullmatch(n)]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            "expected method names such as full, lora_r8, lora_r8_nf4 or "
+            f"lora_r8_nf4_loftq, received {', '.join(map(repr, bad))}"
+        )
+    return names
 
 
 def run(args):
@@ -46,6 +74,7 @@ def run(args):
         "seeds": None if args.seeds is None else tuple(range(args.seeds)),
         "ranks": args.ranks,
         "epochs": args.epochs,
+        "methods": args.methods,
     }
     with _progress.to_stderr(args.verbose):
         _, results = digits.run_experiment(

@@ -12,7 +12,9 @@ Methods, each on the target task over several seeds:
 - `lora_r{r}`: `apply_lora(rank=r)`, only A, B and biases train;
 - at the largest rank, `EXTRAS`: `lora_r{r}_int8` and `lora_r{r}_nf4`,
   the same on a frozen base stored as int8 or NF4 (`base_dtype`, issue
-  13), and `dora_r{r}` (`use_dora=True`).
+  13), and `dora_r{r}` (`use_dora=True`); on request (`extras`, or the
+  command's `--methods`), `lora_r{r}_int8_loftq` and `lora_r{r}_nf4_loftq`,
+  the same quantised bases initialised by LoftQ (`lora_init="loftq"`).
 
 Splits: one fixed permutation (seed 0), 60% train, 15% validation, 25%
 test (the test images are the ones the 75/25 split of earlier versions
@@ -54,6 +56,8 @@ SEEDS = (0, 1, 2)
 RANKS = (1, 4, 8)
 # Rows run at the largest rank: a quantised base, and DoRA.
 EXTRAS = ("int8", "nf4", "dora")
+# Rows run only when asked for: LoftQ on the quantised bases.
+LOFTQ_EXTRAS = ("int8_loftq", "nf4_loftq")
 EPOCHS = 100
 PATIENCE = 10
 PRETRAIN_EPOCHS = 20
@@ -159,12 +163,16 @@ LEARNING_RATES = {"full": 1e-3, "lora": 1e-2}
 
 def method_kwargs(method):
     """`apply_lora` arguments of a method name: `lora_r{r}`,
-    `lora_r{r}_{base_dtype}` or `dora_r{r}`."""
+    `lora_r{r}_{base_dtype}`, `lora_r{r}_{base_dtype}_loftq` or
+    `dora_r{r}`."""
     kind, _, rest = method.partition("_r")
     rank, _, base_dtype = rest.partition("_")
+    base_dtype, _, init = base_dtype.partition("_")
     kwargs = {"rank": int(rank)}
     if base_dtype:
         kwargs["base_dtype"] = base_dtype
+    if init:
+        kwargs["lora_init"] = init
     if kind == "dora":
         kwargs["use_dora"] = True
     return kwargs
@@ -242,12 +250,16 @@ def run_experiment(
     epochs=EPOCHS,
     pretrain_epochs=PRETRAIN_EPOCHS,
     extras=EXTRAS,
+    methods=None,
 ):
-    """Pretrains once, then runs every method; returns (base, results)."""
+    """Pretrains once, then runs every method (or only `methods`, a list
+    of method names such as `"lora_r8_nf4_loftq"`); returns (base,
+    results)."""
     tasks = load_tasks()
     base = pretrain(tasks, epochs=pretrain_epochs)
-    methods = ["frozen", "full"] + [f"lora_r{r}" for r in ranks]
-    methods += extra_methods(ranks, extras)
+    if methods is None:
+        methods = ["frozen", "full"] + [f"lora_r{r}" for r in ranks]
+        methods += extra_methods(ranks, extras)
     results = [run_method(base, tasks, m, seeds, epochs) for m in methods]
     return base, results
 
