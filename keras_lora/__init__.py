@@ -65,6 +65,7 @@ _EXPORTS = {
         "layer_matrix",
         "rank_report",
     ],
+    "keras_lora.model.loftq_report": ["LoftQLayerError", "loftq_report"],
     "keras_lora.peft.io": [
         "load_peft_adapters",
         "read_peft_adapters",

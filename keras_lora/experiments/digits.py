@@ -48,16 +48,18 @@ from keras_lora.bench.memory import PeakMemory
 from keras_lora.compare.parameters import count_parameters
 from keras_lora.compare.seed_models import build_baseline_model
 from keras_lora.experiments import progress as _progress
+from keras_lora.experiments.digits_methods import (  # noqa: F401
+    EXTRAS,
+    LOFTQ_EXTRAS,
+    extra_methods,
+    method_kwargs,
+)
 from keras_lora.layers import LoRADense
 from keras_lora.workflow import apply_lora
 
 UNITS = (256, 128, 64, 10)
 SEEDS = (0, 1, 2)
 RANKS = (1, 4, 8)
-# Rows run at the largest rank: a quantised base, and DoRA.
-EXTRAS = ("int8", "nf4", "dora")
-# Rows run only when asked for: LoftQ on the quantised bases.
-LOFTQ_EXTRAS = ("int8_loftq", "nf4_loftq")
 EPOCHS = 100
 PATIENCE = 10
 PRETRAIN_EPOCHS = 20
@@ -159,29 +161,6 @@ def _fit(model, tasks, epochs, learning_rate):
 
 
 LEARNING_RATES = {"full": 1e-3, "lora": 1e-2}
-
-
-def method_kwargs(method):
-    """`apply_lora` arguments of a method name: `lora_r{r}`,
-    `lora_r{r}_{base_dtype}`, `lora_r{r}_{base_dtype}_loftq` or
-    `dora_r{r}`."""
-    kind, _, rest = method.partition("_r")
-    rank, _, base_dtype = rest.partition("_")
-    base_dtype, _, init = base_dtype.partition("_")
-    kwargs = {"rank": int(rank)}
-    if base_dtype:
-        kwargs["base_dtype"] = base_dtype
-    if init:
-        kwargs["lora_init"] = init
-    if kind == "dora":
-        kwargs["use_dora"] = True
-    return kwargs
-
-
-def extra_methods(ranks, extras=EXTRAS):
-    """The `EXTRAS` rows' method names, at the largest of `ranks`."""
-    r = max(ranks)
-    return [f"dora_r{r}" if x == "dora" else f"lora_r{r}_{x}" for x in extras]
 
 
 def adapt(base, tasks, method, seed=0, epochs=EPOCHS, learning_rate=None):

@@ -42,9 +42,7 @@ def _dequantize(stored, mode, axis, n):
         scale = scale if axis == 0 else scale[:, None]
         return codes / scale
     if axis == 1:  # rows: the same as the transposed matrix along axis 0
-        return _dequantize(
-            {"codes": codes.T, "scale": scale.T}, mode, 0, n
-        ).T
+        return _dequantize({"codes": codes.T, "scale": scale.T}, mode, 0, n).T
     full = np.empty((2 * codes.shape[0], codes.shape[1]), "int64")
     full[0::2], full[1::2] = codes & 15, codes >> 4  # low nibble first
     values = LEVELS[full] * np.repeat(scale, 64, axis=0)
@@ -239,7 +237,10 @@ def test_adapter_file_is_exact_on_a_fresh_base_and_refused_elsewhere(
     for other in (
         apply_lora(base, rank=4, base_dtype="nf4"),  # plain NF4
         apply_lora(
-            base, rank=4, lora_init="loftq", base_dtype="nf4",
+            base,
+            rank=4,
+            lora_init="loftq",
+            base_dtype="nf4",
             loftq_iterations=1,
         ),  # another Q
     ):
@@ -278,33 +279,46 @@ def test_loftq_on_a_float_base_is_refused(base_dtype):
     before = [_np(v).copy() for v in model.weights]
     layers = list(model.layers)
     with pytest.raises(ValueError, match=f"base_dtype={base_dtype!r}"):
-        apply_lora(model, lora_init="loftq", base_dtype=base_dtype, inplace=True)
+        apply_lora(
+            model, lora_init="loftq", base_dtype=base_dtype, inplace=True
+        )
     assert list(model.layers) == layers
     for v, b in zip(model.weights, before):
         np.testing.assert_array_equal(_np(v), b)
 
 
 @pytest.mark.parametrize(
-    "value, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError),
-                     (True, TypeError), ("2", TypeError)]
+    "value, error",
+    [
+        (0, ValueError),
+        (-2, ValueError),
+        (1.5, TypeError),
+        (True, TypeError),
+        ("2", TypeError),
+    ],
 )
 def test_bad_iterations_are_refused(value, error):
     with pytest.raises(error, match=f"loftq_iterations={value!r}"):
-        LoRADense(4, lora_init="loftq", base_dtype="nf4",
-                  loftq_iterations=value)
+        LoRADense(
+            4, lora_init="loftq", base_dtype="nf4", loftq_iterations=value
+        )
     model = _model()
     layers = list(model.layers)
     with pytest.raises(error, match=f"loftq_iterations={value!r}"):
-        apply_lora(model, lora_init="loftq", base_dtype="int8",
-                   loftq_iterations=value, inplace=True)
+        apply_lora(
+            model,
+            lora_init="loftq",
+            base_dtype="int8",
+            loftq_iterations=value,
+            inplace=True,
+        )
     assert list(model.layers) == layers
 
 
 @pytest.mark.parametrize("lora_init", ["default", "gaussian", "pissa"])
 def test_iterations_without_loftq_are_refused(lora_init):
     with pytest.raises(ValueError, match="loftq_iterations=2") as info:
-        LoRADense(4, lora_init=lora_init, base_dtype="nf4",
-                  loftq_iterations=2)
+        LoRADense(4, lora_init=lora_init, base_dtype="nf4", loftq_iterations=2)
     assert f"lora_init={lora_init!r}" in str(info.value)
     base = _dense()
     with pytest.raises(ValueError, match="loftq_iterations=2"):
