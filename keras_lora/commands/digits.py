@@ -77,9 +77,22 @@ def run(args):
         "methods": args.methods,
     }
     with _progress.to_stderr(args.verbose):
-        _, results = digits.run_experiment(
+        base, results = digits.run_experiment(
             **{key: value for key, value in given.items() if value is not None}
         )
     if args.format == "json":
         return json.dumps([digits.summary(r) for r in results], indent=2)
-    return digits.format_markdown(results)
+    return digits.format_markdown(results) + _loftq_tables(base, results)
+
+
+def _loftq_tables(base, results):
+    """Per LoftQ row, its layers' reconstruction errors at the start."""
+    from keras_lora.experiments.digits_methods import loftq_errors
+    from keras_lora.model.loftq_report import format_loftq_report
+
+    return "".join(
+        f"\n\n{r.method}, each layer at the start:\n\n"
+        + format_loftq_report(loftq_errors(base, r.method))
+        for r in results
+        if r.method.endswith("_loftq")
+    )

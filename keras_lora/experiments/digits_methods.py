@@ -29,3 +29,12 @@ def extra_methods(ranks, extras=EXTRAS):
     """The `EXTRAS` rows' method names, at the largest of `ranks`."""
     r = max(ranks)
     return [f"dora_r{r}" if x == "dora" else f"lora_r{r}_{x}" for x in extras]
+
+
+def loftq_errors(base, method):
+    """`loftq_report` of `method`'s model as `apply_lora` makes it from
+    `base`, before any training: per layer, its error against `base`."""
+    from keras_lora.model.loftq_report import loftq_report
+    from keras_lora.workflow import apply_lora
+
+    return loftq_report(apply_lora(base, **method_kwargs(method)), base)
