@@ -129,8 +129,8 @@ def loftq_report(model, base):
 def format_loftq_report(rows):
     """A markdown table of `loftq_report`'s rows."""
     lines = [
-        "| layer | base | init | rank | plain ||W - deq(Q)|| "
-        "| ||W - (deq(Q) + s A B)|| | ratio |",
+        "| layer | base | init | rank | plain: ‖W − deq(Q)‖ "
+        "| now: ‖W − (deq(Q) + s·A·B)‖ | now / plain |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
