@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_lora import apply_lora
+from keras_lora import apply_lora, merge_lora
 from keras_lora.adapters.files import AdapterMismatchError
 from keras_lora.adapters.io import apply_adapters, save_adapters
 from keras_lora.layers import (
@@ -106,9 +106,7 @@ def _approx(layer):
 
 
 @pytest.mark.parametrize("kind", ["dense", "einsum", "embedding", "conv"])
-@pytest.mark.parametrize(
-    "mode, double_quant", [("int8", False), ("nf4", False), ("nf4", True)]
-)
+@pytest.mark.parametrize("mode, double_quant", [("int8", False), ("nf4", True)])
 def test_one_iteration_matches_the_reference_and_beats_plain(
     kind, mode, double_quant
 ):
@@ -136,7 +134,7 @@ def test_more_iterations_match_the_reference(mode):
     base = _dense(seed=1)
     w = _np(base.kernel)
     errors = []
-    for steps in (1, 2, 3, 5):
+    for steps in (1, 2, 4):
         layer = LoRADense.from_base(
             base,
             rank=6,
@@ -217,6 +215,8 @@ def test_keras_file_round_trip_is_exact(tmp_path):
         np.testing.assert_array_equal(_np(a), _np(b))
     x = np.random.default_rng(0).normal(size=(5, 130)).astype("float32")
     np.testing.assert_array_equal(_np(lora(x)), _np(again(x)))
+    merged = merge_lora(again)  # deq(Q) + scale A B, as plain Dense layers
+    np.testing.assert_allclose(_np(merged(x)), _np(lora(x)), atol=1e-4)
 
 
 def test_adapter_file_is_exact_on_a_fresh_base_and_refused_elsewhere(
