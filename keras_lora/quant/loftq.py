@@ -44,10 +44,13 @@ def dequantize_numpy(stored, mode, axis, length):
     """The float32 matrix that `formats.quantize`'s output `stored`
     stands for (`length`: the unpadded size along `axis`), through the
     same `formats.dequantize` a layer's call uses."""
+    # As tensors, as the layer's variables are (numpy arrays would meet
+    # torch tensors in the arithmetic).
+    arrays = {k: ops.convert_to_tensor(v) for k, v in stored.items()}
     scale = quant.dequantize_scale(
-        stored["scale"], stored.get("scale_scale"), stored.get("scale_offset")
+        arrays["scale"], arrays.get("scale_scale"), arrays.get("scale_offset")
     )
-    values = quant.dequantize(mode, stored["codes"], scale, length, axis)
+    values = quant.dequantize(mode, arrays["codes"], scale, length, axis)
     return np.asarray(ops.convert_to_numpy(values), "float32")
 
 
