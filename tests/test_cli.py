@@ -261,6 +261,20 @@ def test_digits_defaults_are_the_modules(capsys, monkeypatch, argv, expected):
     assert calls == [expected]
 
 
+def test_digits_methods_refuse_ranks(capsys):
+    from keras_lora.experiments import digits
+
+    status, out, err = run(
+        capsys, "digits", "--ranks", "4", "--methods", "lora_r4_nf4"
+    )
+    assert status == 2 and out == ""
+    assert "--ranks=4" in err and "--methods" in err
+    with pytest.raises(ValueError, match="ranks=\\(4,\\)"):
+        digits.run_experiment(ranks=(4,), methods=["lora_r4_nf4"])
+    status, _, err = run(capsys, "digits", "--methods", "lora_r4_fp8")
+    assert status == 2 and "'lora_r4_fp8'" in err
+
+
 def test_digits_module_defaults_agree():
     import inspect
 

@@ -4,7 +4,7 @@
 import json
 
 from keras_lora.commands.verbose import add_verbose
-from keras_lora.utils.argtypes import positive_int, positive_ints
+from keras_lora.utils.argtypes import UsageError, positive_int, positive_ints
 
 
 def add_arguments(p):
@@ -70,6 +70,11 @@ def run(args):
     from keras_lora.experiments import digits
     from keras_lora.experiments import progress as _progress
 
+    if args.methods is not None and args.ranks is not None:
+        raise UsageError(
+            "Expected --ranks or --methods, not both: --methods names every "
+            f"row. Received: --ranks={','.join(map(str, args.ranks))}"
+        )
     given = {
         "seeds": None if args.seeds is None else tuple(range(args.seeds)),
         "ranks": args.ranks,

@@ -234,6 +234,12 @@ def run_experiment(
     """Pretrains once, then runs every method (or only `methods`, a list
     of method names such as `"lora_r8_nf4_loftq"`); returns (base,
     results)."""
+    if methods is not None and (ranks, extras) != (RANKS, EXTRAS):
+        raise ValueError(
+            "Expected `ranks` and `extras` at their defaults with `methods`, "
+            f"which names every row. Received: ranks={ranks!r}, "
+            f"extras={extras!r} with methods={methods!r}"
+        )
     tasks = load_tasks()
     base = pretrain(tasks, epochs=pretrain_epochs)
     if methods is None:
