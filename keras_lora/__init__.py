@@ -66,6 +66,7 @@ _EXPORTS = {
         "rank_report",
     ],
     "keras_lora.model.unload": ["unload"],
+    "keras_lora.model.loftq_report": ["LoftQLayerError", "loftq_report"],
     "keras_lora.peft.io": [
         "load_peft_adapters",
         "read_peft_adapters",

@@ -13,6 +13,7 @@ Subcommands, one module each in `keras_lora.commands`:
 - `combine-digits`: combining two adapters (see
   `keras_lora.experiments.merging`).
 - `rank-report`: the singular-value report of one layer (or of its update).
+- `loftq-report`: per quantised layer, its error against the float base.
 
 A subcommand's module is imported, and its options added, only when the
 command line names it, so `keras-lora --help`, `--version` and `inspect`
@@ -67,6 +68,11 @@ COMMANDS = {
     "rank-report": (
         "rank_report",
         "singular-value report of a layer's kernel (or its update)",
+    ),
+    "loftq-report": (
+        "loftq_report",
+        "per layer, how close an int8/NF4 LoRA model starts to its float "
+        "base (LoftQ against plain quantisation)",
     ),
 }
 

@@ -240,6 +240,10 @@ def test_wrong_file_type_is_a_usage_error(capsys, tmp_path):
         (["digits", "--seeds", "2"], {"seeds": (0, 1)}),
         (["digits", "--ranks", "2,16"], {"ranks": (2, 16)}),
         (["digits", "--epochs", "5"], {"epochs": 5}),
+        (
+            ["digits", "--methods", "lora_r8_nf4,lora_r8_nf4_loftq"],
+            {"methods": ("lora_r8_nf4", "lora_r8_nf4_loftq")},
+        ),
     ],
 )
 def test_digits_defaults_are_the_modules(capsys, monkeypatch, argv, expected):
@@ -255,6 +259,20 @@ def test_digits_defaults_are_the_modules(capsys, monkeypatch, argv, expected):
     status, out, _ = run(capsys, *argv)
     assert status == 0 and out.startswith("| method |")
     assert calls == [expected]
+
+
+def test_digits_methods_refuse_ranks(capsys):
+    from keras_lora.experiments import digits
+
+    status, out, err = run(
+        capsys, "digits", "--ranks", "4", "--methods", "lora_r4_nf4"
+    )
+    assert status == 2 and out == ""
+    assert "--ranks=4" in err and "--methods" in err
+    with pytest.raises(ValueError, match="ranks=\\(4,\\)"):
+        digits.run_experiment(ranks=(4,), methods=["lora_r4_nf4"])
+    status, _, err = run(capsys, "digits", "--methods", "lora_r4_fp8")
+    assert status == 2 and "'lora_r4_fp8'" in err
 
 
 def test_digits_module_defaults_agree():
@@ -275,6 +293,7 @@ def test_digits_module_defaults_agree():
         "epochs": digits.EPOCHS,
         "pretrain_epochs": digits.PRETRAIN_EPOCHS,
         "extras": digits.EXTRAS,
+        "methods": None,
     }
     assert defaults(digits.pretrain)["epochs"] == digits.PRETRAIN_EPOCHS
     assert defaults(digits.adapt)["epochs"] == digits.EPOCHS

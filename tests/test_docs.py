@@ -75,6 +75,7 @@ def _many_adapters(ns, out, folder):
 
 def _qlora(ns, out, folder):
     assert "uint8 (128, 256) 0.516" in out
+    assert "closer than plain NF4: [True, True]" in out
 
 
 def _distributed(ns, out, folder):

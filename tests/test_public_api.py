@@ -21,6 +21,7 @@ BEFORE_THE_SPLIT = [
     "merge_lora", "print_trainable_parameters", "rank_report",
     "read_adapters", "read_peft_adapters", "save_adapters",
     "save_peft_adapters", "set_adapter", "unload",
+    "LoftQLayerError", "loftq_report",
 ]  # fmt: skip
 
 

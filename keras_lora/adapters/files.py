@@ -7,7 +7,10 @@ whatever the layer's dtype, plus a JSON record per layer: its path in the
 model (never its position), kind, rank, alpha, rsLoRA flag, init, DoRA
 flag, dtype, the frozen weight's shape and a SHA-256 fingerprint of the
 frozen weight the factors belong to (for PiSSA and OLoRA, the weight
-before the split, so the file does not depend on a backend's SVD or QR).
+before the split, so the file does not depend on a backend's SVD or QR;
+for LoftQ, the stored quantised base, with `loftq_iterations`, so
+`apply_adapters` recomputes it from the float base and loads only onto the
+same one).
 The recommended suffix is `.lora.h5`; any path is written as given.
 `load_adapters` checks everything before it writes anything (peer bug for
 contrast: keras-hub keyed adapters by position and loaded them into the
@@ -74,6 +77,7 @@ def _record(path, layer, position=None):
         "alpha": layer.alpha,
         "use_rslora": layer.use_rslora,
         "lora_init": layer.lora_init,
+        "loftq_iterations": layer.loftq_iterations,
         "use_dora": layer.use_dora,
         "dropout": layer.dropout,
         "train_bias": layer.train_bias,

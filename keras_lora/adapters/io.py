@@ -139,16 +139,19 @@ def apply_adapters(model, path, inplace=False):
     for r in records:
         train_bias = r.get("train_bias", r["bias"])
         key = (r["use_rslora"], r["lora_init"] or "default", train_bias)
-        key += (r["use_dora"],)
+        key += (r["use_dora"], r.get("loftq_iterations"))
         groups.setdefault(key, []).append(r)
     if len(groups) != 1 or len({r.get("dropout", 0.0) for r in records}) > 1:
         raise ValueError(
             f"Expected an adapter file whose layers share use_rslora, "
-            f"lora_init, use_dora, dropout and bias training. Received: "
+            f"lora_init, loftq_iterations, use_dora, dropout and bias "
+            "training. Received: "
             f"path='{path}'"
             " with several; rebuild with `apply_lora` and `load_adapters`."
         )
-    (use_rslora, lora_init, train_bias, use_dora), _ = groups.popitem()
+    (use_rslora, lora_init, train_bias, use_dora, loftq_iterations), _ = (
+        groups.popitem()
+    )
     try:
         lora = adapt(
             model,
@@ -161,6 +164,7 @@ def apply_adapters(model, path, inplace=False):
             train_bias=train_bias,
             use_rslora=use_rslora,
             lora_init=lora_init,
+            loftq_iterations=loftq_iterations,
             use_dora=use_dora,
             inplace=inplace,
             **_storage_of(records),

@@ -12,7 +12,9 @@ Methods, each on the target task over several seeds:
 - `lora_r{r}`: `apply_lora(rank=r)`, only A, B and biases train;
 - at the largest rank, `EXTRAS`: `lora_r{r}_int8` and `lora_r{r}_nf4`,
   the same on a frozen base stored as int8 or NF4 (`base_dtype`, issue
-  13), and `dora_r{r}` (`use_dora=True`).
+  13), and `dora_r{r}` (`use_dora=True`); on request (`extras`, or the
+  command's `--methods`), `lora_r{r}_int8_loftq` and `lora_r{r}_nf4_loftq`,
+  the same quantised bases initialised by LoftQ (`lora_init="loftq"`).
 
 Splits: one fixed permutation (seed 0), 60% train, 15% validation, 25%
 test (the test images are the ones the 75/25 split of earlier versions
@@ -46,14 +48,18 @@ from keras_lora.bench.memory import PeakMemory
 from keras_lora.compare.parameters import count_parameters
 from keras_lora.compare.seed_models import build_baseline_model
 from keras_lora.experiments import progress as _progress
+from keras_lora.experiments.digits_methods import (  # noqa: F401
+    EXTRAS,
+    LOFTQ_EXTRAS,
+    extra_methods,
+    method_kwargs,
+)
 from keras_lora.layers import LoRADense
 from keras_lora.workflow import apply_lora
 
 UNITS = (256, 128, 64, 10)
 SEEDS = (0, 1, 2)
 RANKS = (1, 4, 8)
-# Rows run at the largest rank: a quantised base, and DoRA.
-EXTRAS = ("int8", "nf4", "dora")
 EPOCHS = 100
 PATIENCE = 10
 PRETRAIN_EPOCHS = 20
@@ -157,25 +163,6 @@ def _fit(model, tasks, epochs, learning_rate):
 LEARNING_RATES = {"full": 1e-3, "lora": 1e-2}
 
 
-def method_kwargs(method):
-    """`apply_lora` arguments of a method name: `lora_r{r}`,
-    `lora_r{r}_{base_dtype}` or `dora_r{r}`."""
-    kind, _, rest = method.partition("_r")
-    rank, _, base_dtype = rest.partition("_")
-    kwargs = {"rank": int(rank)}
-    if base_dtype:
-        kwargs["base_dtype"] = base_dtype
-    if kind == "dora":
-        kwargs["use_dora"] = True
-    return kwargs
-
-
-def extra_methods(ranks, extras=EXTRAS):
-    """The `EXTRAS` rows' method names, at the largest of `ranks`."""
-    r = max(ranks)
-    return [f"dora_r{r}" if x == "dora" else f"lora_r{r}_{x}" for x in extras]
-
-
 def adapt(base, tasks, method, seed=0, epochs=EPOCHS, learning_rate=None):
     """Adapts `base` to the target task with one method and one seed,
     under the early-stopping rule with at most `epochs` epochs.
@@ -242,12 +229,22 @@ def run_experiment(
     epochs=EPOCHS,
     pretrain_epochs=PRETRAIN_EPOCHS,
     extras=EXTRAS,
+    methods=None,
 ):
-    """Pretrains once, then runs every method; returns (base, results)."""
+    """Pretrains once, then runs every method (or only `methods`, a list
+    of method names such as `"lora_r8_nf4_loftq"`); returns (base,
+    results)."""
+    if methods is not None and (ranks, extras) != (RANKS, EXTRAS):
+        raise ValueError(
+            "Expected `ranks` and `extras` at their defaults with `methods`, "
+            f"which names every row. Received: ranks={ranks!r}, "
+            f"extras={extras!r} with methods={methods!r}"
+        )
     tasks = load_tasks()
     base = pretrain(tasks, epochs=pretrain_epochs)
-    methods = ["frozen", "full"] + [f"lora_r{r}" for r in ranks]
-    methods += extra_methods(ranks, extras)
+    if methods is None:
+        methods = ["frozen", "full"] + [f"lora_r{r}" for r in ranks]
+        methods += extra_methods(ranks, extras)
     results = [run_method(base, tasks, m, seeds, epochs) for m in methods]
     return base, results
 

@@ -31,7 +31,7 @@ import math
 
 import keras
 
-from keras_lora.layers import base_bias, dora
+from keras_lora.layers import base_bias, dora, loftq
 from keras_lora.layers.conversion import LORA_KEYS, BaseConversion  # noqa: F401
 from keras_lora.layers.kernel_bias import KernelBiasArgs
 from keras_lora.layers.linear_map import LinearMapView
@@ -43,7 +43,7 @@ from keras_lora.layers.remat import RematWithTraining
 from keras_lora.quant.storage import QuantizedBase
 from keras_lora.utils import checks as _checks
 
-LORA_INITS = ("default", "gaussian", "pissa", "olora")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 
 
 class SumRegularizer(keras.regularizers.Regularizer):
@@ -85,9 +85,14 @@ class LoRALayer(
             deviation `1/rank`, PEFT's `init_lora_weights="gaussian"`;
             `lora_b = 0`), `"pissa"` (the factors take the top-`rank`
             singular part of the frozen weight, which keeps the residual;
-            applied by `from_base` or `pissa_split()`, never on a reload)
-            or `"olora"` (the factors take a QR's first `rank` rows of R
-            and columns of Q, as PEFT's; likewise, by `olora_split()`).
+            applied by `from_base` or `pissa_split()`, never on a reload),
+            `"olora"` (the factors take a QR's first `rank` rows of R
+            and columns of Q, as PEFT's; likewise, by `olora_split()`) or
+            `"loftq"` (an int8 or NF4 base and factors chosen together so
+            `deq(Q) + scale * A @ B` approximates the float weight; see
+            `loftq.py`; applied by `from_base`, never on a reload).
+        loftq_iterations: Positive int, LoftQ's alternations; only with
+            `lora_init="loftq"`, where None means 1.
         pissa_fingerprint: Set by `pissa_split()` and `olora_split()`: the
             fingerprint of the weight it split, which adapter files record
             as the base. Leave it None.
@@ -124,6 +129,7 @@ class LoRALayer(
         use_rslora=False,
         lora_init="default",
         pissa_fingerprint=None,
+        loftq_iterations=None,
         base_dtype=None,
         double_quant=False,
         use_dora=False,
@@ -137,6 +143,9 @@ class LoRALayer(
         _checks.boolean("use_rslora", use_rslora)
         _checks.one_of("lora_init", lora_init, LORA_INITS)
         self._check_storage(base_dtype, double_quant)
+        loftq_iterations = loftq.check_arguments(
+            lora_init, loftq_iterations, base_dtype
+        )
         _checks.boolean("use_dora", use_dora)
         dora.check_supported(type(self), use_dora)
         if lora_init == "gaussian" and lora_a_initializer is not None:
@@ -162,6 +171,7 @@ class LoRALayer(
         self.use_rslora = use_rslora
         self.lora_init = lora_init
         self.pissa_fingerprint = pissa_fingerprint
+        self.loftq_iterations = loftq_iterations
         self.base_dtype = base_dtype
         self.double_quant = double_quant
         self._frozen_shape = None  # set for an integer base
@@ -282,6 +292,7 @@ class LoRALayer(
             "use_rslora": self.use_rslora,
             "lora_init": self.lora_init,
             "pissa_fingerprint": self.pissa_fingerprint,
+            "loftq_iterations": self.loftq_iterations,
             "base_dtype": self.base_dtype,
             "double_quant": self.double_quant,
             "use_dora": self.use_dora,

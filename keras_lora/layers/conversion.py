@@ -9,7 +9,7 @@ the base layer is lost either way, and no buffer is shared.
 import numpy as np
 from keras import ops
 
-from keras_lora.layers import base_bias, dora
+from keras_lora.layers import base_bias, dora, loftq
 from keras_lora.quant.storage import check_requantize, requantize_base
 
 LORA_KEYS = (
@@ -23,6 +23,7 @@ LORA_KEYS = (
     "use_rslora",
     "lora_init",
     "pissa_fingerprint",
+    "loftq_iterations",
     "base_dtype",
     "double_quant",
     "use_dora",
@@ -67,7 +68,8 @@ class BaseConversion:
         weights are copied by value (`layer` is not changed and shares no
         buffer with the result), and the new layer computes exactly what
         `layer` computes until it trains. With `lora_init="pissa"` (or
-        `"olora"`) the weight is split here, once.
+        `"olora"`) the weight is split here, once; with `lora_init="loftq"`
+        LoftQ chooses the quantised base and the factors here, once.
 
         Args:
             layer: A built instance of `base_class`.
@@ -86,6 +88,9 @@ class BaseConversion:
         base_dtype = lora_kwargs.pop("base_dtype", None)
         double_quant = lora_kwargs.pop("double_quant", False)
         stored = cls._storage_for_base(layer, base_dtype, double_quant)
+        lora_kwargs, loftq_steps = loftq.defer(
+            layer, lora_kwargs, base_dtype, stored
+        )
         config = {**cls._config_from_base(layer), **lora_kwargs}
         config["base_dtype"] = stored
         new = cls(rank=rank, alpha=alpha, dropout=dropout, **config)
@@ -105,7 +110,9 @@ class BaseConversion:
             new.pissa_split()
         if new.lora_init == "olora":
             new.olora_split()
-        if base_dtype not in (None, stored):  # after a split: QPiSSA
+        if loftq_steps is not None:  # Q and the factors, from the float W
+            loftq.initialise(new, base_dtype, double_quant, loftq_steps)
+        elif base_dtype not in (None, stored):  # after a split: QPiSSA
             new.quantize_base(base_dtype, double_quant=double_quant)
         if new.use_dora:  # m from the weights as they end up (split, stored)
             dora.reset_magnitude(new)

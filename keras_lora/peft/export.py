@@ -55,6 +55,11 @@ def _check(table, lora, model):
                 f"'{path}': {split} changed its frozen weight, which a PEFT "
                 "adapter for the original base cannot carry"
             )
+        elif layer.lora_init == "loftq":
+            problems.append(
+                f"'{path}': LoftQ chose its quantised base with the factors,"
+                " so a PEFT adapter for the original base cannot carry them"
+            )
         elif getattr(layer, "bias", None) is not None and layer.train_bias:
             problems.append(
                 f"'{path}': its bias trains, which PEFT's bias='none' "

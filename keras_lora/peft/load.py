@@ -210,6 +210,12 @@ def fit_existing(lora, plan):
                 "factors; a PEFT adapter is for the original weight"
             )
             continue
+        if layer.lora_init == "loftq":
+            problems.append(
+                f"'{path}': LoftQ quantised its frozen weight together with "
+                "its factors; a PEFT adapter is for the original weight"
+            )
+            continue
         mine = (layer.rank, layer.alpha, layer.use_rslora)
         mine += (getattr(layer, "use_dora", False),)
         theirs = (entry.rank, entry.alpha, entry.use_rslora, entry.use_dora)

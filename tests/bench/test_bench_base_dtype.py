@@ -132,6 +132,10 @@ def test_bad_arguments(argv, names, capsys):
         ("lora_r8_int8", {"rank": 8, "base_dtype": "int8"}),
         ("lora_r16_nf4", {"rank": 16, "base_dtype": "nf4"}),
         ("dora_r4", {"rank": 4, "use_dora": True}),
+        (
+            "lora_r8_nf4_loftq",
+            {"rank": 8, "base_dtype": "nf4", "lora_init": "loftq"},
+        ),
     ],
 )
 def test_digits_method_names(method, expected):

@@ -300,6 +300,32 @@ def test_load_into_pissa_split_model_refused(bases, tmp_path):
         np.testing.assert_array_equal(value, start[got])
 
 
+def test_loftq_layers_are_refused_both_ways(bases, tmp_path):
+    """LoftQ chose the quantised base with the factors: a PEFT adapter is
+    for the original weight, so neither direction can carry them."""
+    folder = bases("llama")
+    _peft_adapter(_hf("llama", folder), tmp_path, target_modules=["q_proj"])
+    q = [LLAMA.keras_path(i, "q_proj") for i in range(2)]
+    lora = apply_lora(
+        _backbone("llama", folder),
+        rank=4,
+        alpha=8,
+        targets=q,
+        train_bias=False,
+        lora_init="loftq",
+        base_dtype="nf4",
+    )
+    start = _factors(lora)
+    with pytest.raises(AdapterMismatchError, match="LoftQ") as info:
+        load_peft_adapters(lora, tmp_path)
+    assert len(info.value.problems) == 2
+    for got, value in _factors(lora).items():
+        np.testing.assert_array_equal(value, start[got])
+    with pytest.raises(ValueError, match="LoftQ"):
+        save_peft_adapters(lora, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def _good(bases, tmp_path):
     """A Llama backbone (made once, shared: the refusal tests check that
     nothing changes it) and this test's own copy of one good adapter."""
