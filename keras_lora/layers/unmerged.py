@@ -29,8 +29,15 @@ from keras_lora.layers import base_bias
 
 def refusal(layer):
     """None if `base_layer(layer)` gives back `layer`'s base, else why not."""
+    if layer.lora_init == "olora":
+        return "its frozen weight is the OLoRA residual, not the base's weight"
     if layer.lora_init == "pissa" or layer.pissa_fingerprint is not None:
         return "its frozen weight is the PiSSA residual, not the base's weight"
+    if layer.lora_init == "loftq":
+        return (
+            "its frozen weight is LoftQ's quantised W - scale * A0 @ B0, not "
+            "the base's weight quantised"
+        )
     if base_bias.trains_bias(layer) and base_bias.known(layer) is None:
         return (
             "its bias trained and the base's bias is not known (a layer "

@@ -310,16 +310,23 @@ def test_nf4_and_int8_einsum_come_back_dequantised():
     assert 0 < err.max() and np.all(err <= absmax / 254 + 1e-7)
 
 
-@pytest.mark.parametrize("how", ["pissa", "split"])
-def test_a_pissa_residual_is_refused_by_name(how):
+@pytest.mark.parametrize(
+    "how, kwargs, match",
+    [
+        ("pissa", {"lora_init": "pissa"}, "PiSSA residual"),
+        ("split", {}, "PiSSA residual"),
+        ("olora", {"lora_init": "olora"}, "OLoRA residual"),
+        ("loftq", {"lora_init": "loftq", "base_dtype": "nf4"}, "LoftQ"),
+    ],
+)
+def test_a_base_changing_init_is_refused_by_name(how, kwargs, match):
     base = _dense_model()
-    kwargs = {"lora_init": "pissa"} if how == "pissa" else {}
     lora = apply_lora(base, rank=2, **kwargs)
     if how == "split":
         lora.get_layer("head").pissa_split()
     before = _snapshot(lora)
-    paths = ["hidden", "head"] if how == "pissa" else ["head"]
-    with pytest.raises(ValueError, match="PiSSA residual") as info:
+    paths = ["head"] if how == "split" else ["hidden", "head"]
+    with pytest.raises(ValueError, match=match) as info:
         unload(lora, inplace=True)
     assert all(f"'{p}'" in str(info.value) for p in paths)
     assert "merge_lora" in str(info.value)
