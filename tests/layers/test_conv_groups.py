@@ -89,8 +89,16 @@ def _layer(cls, kwargs, shape, rank, seed=0, **lora_kwargs):
     return base, lora, x
 
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-@pytest.mark.parametrize("cls, kwargs, shape, rank, form", CASES, ids=IDS)
+# DoRA on both forms and on a 3-D kernel: m * V / ||V||_c per filter, the
+# norm over the filter's own (*k, in / groups) inputs.
+DORA = (2, 3, 6)
+WITH_DORA = [(*c, False) for c in CASES] + [(*CASES[i], True) for i in DORA]
+DORA_IDS = IDS + [f"{IDS[i]}-dora" for i in DORA]
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, shape, rank, form, use_dora", WITH_DORA, ids=DORA_IDS
+)
 def test_output_is_the_grouped_conv_with_the_merged_kernel(
     cls, kwargs, shape, rank, form, use_dora
 ):
