@@ -20,6 +20,7 @@ from keras_lora import (
     save_adapters,
     set_adapter,
 )
+from keras_lora.layers import conv_update
 
 X = np.random.default_rng(0).normal(size=(2, 3, 5, 5, 4)).astype("float32")
 TARGETS = ["c3", "c2"]
@@ -32,8 +33,8 @@ def _np(x):
 def _base():
     keras.utils.set_random_seed(0)
     inputs = keras.Input(X.shape[1:])
-    h = keras.layers.Conv3D(6, 2, groups=2, name="c3")(inputs)  # (2,4,4,6)
-    h = keras.layers.Reshape((4, 4, 12))(h)
+    h = keras.layers.Conv3D(24, 2, groups=2, name="c3")(inputs)  # (2,4,4,24)
+    h = keras.layers.Reshape((4, 4, 48))(h)
     h = keras.layers.Conv2D(8, 3, groups=4, name="c2")(h)  # (2, 2, 8)
     h = keras.layers.Flatten()(h)
     return keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
@@ -79,6 +80,14 @@ def test_apply_merge_disable():
     assert type(model.get_layer("c2")) is LoRAConv2D
     assert model.get_layer("c2").groups == 4
     np.testing.assert_array_equal(_np(model(X)), _np(base(X)))  # exact
+    # Up to rank 6, c3's branch is factorised (its grouped A and 1x1 B);
+    # c2's convolves with the update from rank 2.
+    for name, factorised in (("c3", True), ("c2", False)):
+        layer = model.get_layer(name)
+        cheaper = conv_update.factorised_cost(layer) <= conv_update.update_cost(
+            layer
+        )
+        assert cheaper == factorised, name
     _randomize(model, 1)
     deltas = {n: _delta(model.get_layer(n)) for n in TARGETS}
     out = model(X)
