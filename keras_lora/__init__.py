@@ -52,6 +52,7 @@ _EXPORTS = {
     "keras_lora.layers": [
         "LoRAConv1D",
         "LoRAConv2D",
+        "LoRAConv3D",
         "LoRADense",
         "LoRAEinsumDense",
         "LoRAEmbedding",

@@ -8,6 +8,7 @@ import keras_lora
 
 BEFORE_THE_SPLIT = [
     "AdapterMismatchError", "LayerComparison", "LoRAConv1D", "LoRAConv2D",
+    "LoRAConv3D",
     "LoRADense", "LoRAEinsumDense", "LoRAEmbedding", "LoRALayer",
     "LoRAReversibleEmbedding", "MultiAdapterModel", "ParameterComparison",
     "ParameterCount", "RankReport", "RankWarning", "active_adapters",

@@ -11,7 +11,12 @@ from keras_lora.layers.base import (
     LoRALayer,
     RankWarning,
 )
-from keras_lora.layers.conv import LoRAConv, LoRAConv1D, LoRAConv2D
+from keras_lora.layers.conv import (
+    LoRAConv,
+    LoRAConv1D,
+    LoRAConv2D,
+    LoRAConv3D,
+)
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
@@ -26,6 +31,7 @@ LORA_LAYERS = (
     LoRAEmbedding,
     LoRAConv1D,
     LoRAConv2D,
+    LoRAConv3D,
 )
 
 
@@ -54,6 +60,7 @@ __all__ = [
     "LoRAConv",
     "LoRAConv1D",
     "LoRAConv2D",
+    "LoRAConv3D",
     "LoRADense",
     "LoRAEinsumDense",
     "LoRAEmbedding",

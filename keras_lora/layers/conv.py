@@ -1,4 +1,5 @@
-"""`LoRAConv1D` and `LoRAConv2D`: a frozen convolution plus a low-rank one.
+"""`LoRAConv1D`, `LoRAConv2D` and `LoRAConv3D`: a frozen convolution plus a
+low-rank one.
 
 Each kind sets only its Keras base class and spatial rank; the convolution
 itself is `LoRAConv`, in `conv_base.py`.
@@ -13,16 +14,22 @@ from keras_lora.layers.conv_base import LoRAConv
 
 _DOC = """{base} layer with a frozen kernel and a trainable LoRA update.
 
-    The pretrained kernel `W` `({kshape}in, filters)` never trains. The
-    layer learns `lora_a` `({kshape}in, rank)`, a convolution with `W`'s
-    size, strides, padding and dilation onto `rank` channels, and `lora_b`
-    `(rank, filters)`, a 1x1 projection, and computes
+    The pretrained kernel `W` `({kshape}in / groups, filters)` never
+    trains. The layer learns `lora_a` `({kshape}in / groups, rank)`, a
+    convolution with `W`'s size, strides, padding and dilation onto `rank`
+    channels, and `lora_b` `(rank, filters)`, a 1x1 projection, and
+    computes
 
-    `activation(conv(x, W) + scale * conv(dropout(x), lora_a) @ lora_b + b)`
+    `activation(conv(x, W) + scale * conv(dropout(x), lora_a @ lora_b) + b)`
 
-    never forming the full kernel update. `lora_b` starts at zero, so a
-    fresh layer computes exactly what a `{base}` with the same kernel and
-    bias computes. The kernel is created non-trainable and stays so.
+    with the layer's `groups`, as the factorised
+    `conv(dropout(x), lora_a) @ lora_b` (with groups, `lora_a` is shared
+    by the groups and `lora_b`'s columns `j * filters / groups ...` serve
+    group `j`, Keras's `enable_lora` layout) or, where that costs fewer
+    multiply-adds per output position, by convolving with the update
+    `lora_a @ lora_b`. `lora_b` starts at zero, so a fresh layer computes
+    exactly what a `{base}` with the same kernel and bias computes. The
+    kernel is created non-trainable and stays so.
 
     Args:
         filters: Positive integer, the number of output channels.
@@ -36,7 +43,8 @@ _DOC = """{base} layer with a frozen kernel and a trainable LoRA update.
             ({paddings}; `"channels_last"` or `"channels_first"`);
             `kernel_regularizer` penalises `lora_a` and `lora_b`, as with
             Keras's `enable_lora` (the kernel is frozen).
-        groups: Must be 1; a grouped convolution is refused.
+        groups: Positive integer dividing `filters` and the input
+            channels, as in `keras.layers.{base}`.
         kernel_constraint: Must be None: the kernel is frozen.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
@@ -82,3 +90,15 @@ class LoRAConv2D(LoRAConv):
     )  # fmt: skip
     base_class = keras.layers.Conv2D
     spatial_rank = 2
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAConv3D(LoRAConv):
+    __doc__ = _DOC.format(
+        base="Conv3D", name="LoRAConv3D", n=3, ndim=5,
+        kshape="kd, kh, kw, ", spatial="depth, rows, cols, ",
+        paddings='`"valid"` or `"same"`',
+        example="(2, 6, 6, 6, 4)", out="(2, 4, 4, 4, 8)",
+    )  # fmt: skip
+    base_class = keras.layers.Conv3D
+    spatial_rank = 3

@@ -1,20 +1,26 @@
 """`LoRAConv`: a frozen N-D convolution plus a low-rank one, the shared
-base of `LoRAConv1D` and `LoRAConv2D` (in `conv.py`).
+base of `LoRAConv1D`, `LoRAConv2D` and `LoRAConv3D` (in `conv.py`).
 
 Convolution is linear in the kernel, so `conv(x, lora_a) @ lora_b` equals
 `conv(x, A @ B)` with `lora_a` read as a `(prod(kernel_size) * in, rank)`
-matrix: merging forms exactly that kernel.
+matrix: merging forms exactly that kernel. A grouped convolution's kernel
+is `(*kernel_size, in / groups, filters)`, and the update is of that
+kernel, as in Keras's `enable_lora`: `lora_a` `(*kernel_size, in / groups,
+rank)`, shared by the groups, and `lora_b` `(rank, filters)`; in the full
+`(*kernel_size, in, filters)` view it is block-diagonal, group `j`'s block
+`A @ B[:, j]`. The branch's two forms are in `conv_update.py`.
 
 Sources:
 - Hu et al., "LoRA", 2021, arXiv:2106.09685.
 - microsoft/LoRA `loralib/layers.py` `ConvLoRA` and PEFT
   `tuners/lora/layer.py` `Conv2d` (A a convolution like the base, B 1x1).
+- Keras `layers/convolutional/base_conv.py` `enable_lora` (grouped).
 """
 
 import keras
 from keras import ops
 
-from keras_lora.layers import dora
+from keras_lora.layers import conv_update, dora
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.dense import refuse_kernel_constraint
 from keras_lora.utils import checks as _checks
@@ -36,8 +42,8 @@ def _int_tuple(name, value, n):
 
 
 class LoRAConv(LoRALayer):
-    """Base of `LoRAConv1D` and `LoRAConv2D`: a frozen N-D convolution
-    kernel and the factorised update `conv(x, lora_a) @ lora_b`.
+    """Base of `LoRAConv1D`, `LoRAConv2D` and `LoRAConv3D`: a frozen N-D
+    convolution kernel and the factorised update `conv(x, lora_a) @ lora_b`.
 
     Subclasses set `base_class` and `spatial_rank`. The arguments are those
     of the Keras convolution (documented on the subclasses).
@@ -80,11 +86,12 @@ class LoRAConv(LoRALayer):
             data_format = keras.backend.image_data_format()
         formats = ("channels_last", "channels_first")
         _checks.one_of("data_format", data_format, formats)
-        if isinstance(groups, bool) or groups != 1:
+        _checks.positive_int("groups", groups)
+        if filters % groups:
             raise ValueError(
-                "Expected groups=1: a grouped convolution's kernel is not one "
-                "linear map from all input channels, so it has no single "
-                f"low-rank update here. Received: groups={groups!r}."
+                "Expected `groups` to divide `filters` (each group computes "
+                f"filters / groups of them). Received: groups={groups}, "
+                f"filters={filters}"
             )
         if max(strides) > 1 and max(dilation_rate) > 1:
             raise ValueError(
@@ -123,8 +130,16 @@ class LoRAConv(LoRALayer):
                 f"{type(self).__name__} '{self.name}' needs a known channel "
                 f"dimension. Received: input_shape={tuple(input_shape)}"
             )
+        if in_channels % self.groups:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}': expected `groups` to "
+                "divide the input channels. Received: "
+                f"groups={self.groups}, input_shape={tuple(input_shape)} "
+                f"({in_channels} channels)"
+            )
         self.compute_output_shape(input_shape)
-        in_axes = self.kernel_size + (in_channels,)
+        # (*k, in / groups): the kernel's input axes, grouped as in Keras
+        in_axes = self.kernel_size + (in_channels // self.groups,)
         self.kernel = self._add_frozen(
             in_axes + (self.filters,),
             self.kernel_initializer,
@@ -153,24 +168,13 @@ class LoRAConv(LoRALayer):
             inputs = ops.pad(inputs, pads)
             padding = "valid"
         kernel = ops.stop_gradient(self._frozen_for_call())
-        # conv((b, *s, in), (*k, in, filters)) -> (b, *s', filters)
+        # conv((b, *s, in), (*k, in / groups, filters)) -> (b, *s', filters)
         outputs = self._conv(inputs, kernel, padding)
         if self._adapters_off:  # `disable_adapters`: the base alone
             return self._finish(outputs, self._bias_for_call())
         lora_inputs = self._lora_inputs(inputs, training)
-        # conv((b, *s, in), (*k, in, r)) -> (b, *s', r)
-        hidden = self._conv(lora_inputs, self.lora_a, padding)
-        if self.data_format == "channels_last":
-            # (b, *s', r) @ (r, filters) -> (b, *s', filters)
-            update = ops.matmul(hidden, self._lora_b())
-        else:
-            # 1x1 conv((b, r, *s'), (1.., r, filters)) -> (b, filters, *s')
-            one_by_one = ops.reshape(
-                self._lora_b(),
-                (1,) * self.spatial_rank + tuple(self.lora_b.shape),
-            )
-            update = self._conv(hidden, one_by_one, "valid", unit=True)
-        update = ops.multiply(update, self.scale)
+        # scale * conv((b, *s, in), A @ B) -> (b, *s', filters)
+        update = conv_update.branch(self, lora_inputs, padding)
         if self.use_dora:  # (b, ..filters..) * m / ||W + scale * A @ B||_c
             dropped = None  # PEFT: the dropped input's base product too
             if lora_inputs is not inputs:
@@ -246,8 +250,8 @@ class LoRAConv(LoRALayer):
     @classmethod
     def from_conv(cls, conv, rank=8, alpha=None, dropout=0.0, **lora_kwargs):
         """Returns a built LoRA convolution that starts from `conv`'s
-        weights; see `LoRALayer.from_base`. A set `kernel_constraint` and
-        `groups != 1` are refused by name."""
+        weights; see `LoRALayer.from_base`. A set `kernel_constraint` is
+        refused by name."""
         return cls.from_base(
             conv, rank=rank, alpha=alpha, dropout=dropout, **lora_kwargs
         )

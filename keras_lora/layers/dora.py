@@ -57,7 +57,7 @@ def check_supported(cls, use_dora):
             f"{cls.__name__} does not support DoRA: its frozen weight is a "
             "lookup table, not a kernel with output columns to normalise. "
             "Expected use_dora=False for this layer kind (DoRA works on "
-            "LoRADense, LoRAEinsumDense, LoRAConv1D and LoRAConv2D). "
+            "LoRADense, LoRAEinsumDense and LoRAConv1D/2D/3D). "
             f"Received: use_dora={use_dora!r}"
         )
 

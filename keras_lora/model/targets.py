@@ -80,7 +80,7 @@ def select(model, targets):
             else (
                 f"no LoRA layer adapts a {type(layer).__name__} (supported: "
                 "Dense, EinsumDense, Embedding, ReversibleEmbedding, Conv1D, "
-                "Conv2D)"
+                "Conv2D, Conv3D)"
             )
         )
         if reason:

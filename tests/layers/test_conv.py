@@ -7,6 +7,7 @@ from keras_lora.layers import (
     LORA_KEYS,
     LoRAConv1D,
     LoRAConv2D,
+    LoRAConv3D,
     lora_class_for,
 )
 
@@ -81,6 +82,23 @@ CASES = [
         },
         (2, 3, 7, 7),
     ),
+    # Grouped: the update is of the (*k, in / groups, filters) kernel.
+    (
+        LoRAConv2D,
+        {"filters": 4, "kernel_size": 3, "groups": 2, "padding": "same"},
+        (2, 6, 6, 4),
+    ),
+    (LoRAConv3D, {"filters": 4, "kernel_size": 2}, (2, 4, 5, 4, 3)),
+    (
+        LoRAConv3D,
+        {"filters": 6, "kernel_size": 2, "strides": 2, "groups": 2},
+        (2, 5, 5, 5, 4),
+    ),
+    (
+        LoRAConv3D,
+        {"filters": 4, "kernel_size": 2, "data_format": "channels_first"},
+        (2, 3, 4, 4, 4),
+    ),
 ]
 IDS = [
     f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}"
@@ -139,14 +157,39 @@ class LoRAConvLayerTest(TestCase):
             supports_masking=False,
         )
 
+    def test_layer_contract_conv3d_grouped(self):
+        self.run_layer_test(
+            LoRAConv3D,
+            init_kwargs={
+                "filters": 4,
+                "kernel_size": 2,
+                "rank": 2,
+                "groups": 2,
+            },
+            input_shape=(2, 3, 4, 3, 4),
+            expected_output_shape=(2, 2, 3, 2, 4),
+            expected_num_trainable_weights=3,
+            expected_num_non_trainable_weights=1,
+            expected_num_seed_generators=0,
+            supports_masking=False,
+        )
 
-def test_weights_names_shapes_and_trainability():
-    layer = LoRAConv2D(6, (3, 2), rank=2)
-    layer.build((None, 8, 8, 4))
+
+@pytest.mark.parametrize(
+    "layer, shape, kernel",
+    [
+        (LoRAConv2D(6, (3, 2), rank=2), (None, 8, 8, 4), (3, 2, 4)),
+        # Keras's grouped kernel: (*k, in / groups, filters)
+        (LoRAConv2D(6, (3, 2), rank=2, groups=2), (None, 8, 8, 4), (3, 2, 2)),
+        (LoRAConv3D(6, 2, rank=2, groups=3), (None, 4, 4, 4, 9), (2, 2, 2, 3)),
+    ],
+)
+def test_weights_names_shapes_and_trainability(layer, shape, kernel):
+    layer.build(shape)
     shapes = {w.name: (tuple(w.shape), w.trainable) for w in layer.weights}
     assert shapes == {
-        "kernel": ((3, 2, 4, 6), False),
-        "lora_a": ((3, 2, 4, 2), True),
+        "kernel": (kernel + (6,), False),
+        "lora_a": (kernel + (2,), True),
         "lora_b": ((2, 6), True),
         "bias": ((6,), True),
     }
@@ -326,6 +369,8 @@ def test_channels_first_equals_channels_last():
 def test_lora_class_for_convolutions():
     assert lora_class_for(keras.layers.Conv1D(2, 3)) is LoRAConv1D
     assert lora_class_for(keras.layers.Conv2D(2, 3)) is LoRAConv2D
+    assert lora_class_for(keras.layers.Conv3D(2, 3)) is LoRAConv3D
+    assert lora_class_for(keras.layers.Conv2D(4, 3, groups=2)) is LoRAConv2D
     assert lora_class_for(LoRAConv2D(2, 3)) is None
 
 
@@ -344,8 +389,11 @@ BAD_ARGS = [
     (LoRAConv1D, {"strides": True}, "strides=True"),
     (LoRAConv2D, {"padding": "causal"}, "padding='causal'"),
     (LoRAConv2D, {"data_format": "NHWC"}, "data_format='NHWC'"),
-    (LoRAConv2D, {"groups": 2}, "groups=2"),
+    (LoRAConv2D, {"groups": 3}, "groups=3, filters=4"),
+    (LoRAConv3D, {"groups": 0}, "groups=0"),
     (LoRAConv1D, {"groups": True}, "groups=True"),
+    (LoRAConv3D, {"padding": "causal"}, "padding='causal'"),
+    (LoRAConv3D, {"kernel_size": (3, 3)}, "kernel_size=(3, 3)"),
     (LoRAConv2D, {"kernel_constraint": "non_neg"}, "kernel_constraint="),
     (LoRAConv2D, {"strides": 2, "dilation_rate": 2}, "strides=(2, 2)"),
     (LoRAConv2D, {"dropout": 1.0}, "dropout=1.0"),
@@ -364,19 +412,18 @@ def test_bad_constructor_arguments(cls, kwargs, received):
 @pytest.mark.parametrize(
     "make, error, received",
     [
-        (lambda: keras.layers.Conv2D(6, 3, groups=3), ValueError, "groups=3"),
         (
             lambda: keras.layers.Conv2D(4, 3, kernel_constraint="non_neg"),
             ValueError,
             "kernel_constraint=",
         ),
         (lambda: keras.layers.Conv1D(4, 3), TypeError, "(Conv1D)"),
+        (lambda: keras.layers.Conv3D(4, 3), TypeError, "(Conv3D)"),
     ],
 )
 def test_from_base_refuses_by_name(make, error, received):
     base = make()
-    two_d = isinstance(base, keras.layers.Conv2D)
-    base.build((None, 8, 8, 3) if two_d else (None, 8, 3))
+    base.build((None,) + (8,) * base.rank + (3,))
     with pytest.raises(error) as info:
         LoRAConv2D.from_conv(base, rank=2)
     assert received in str(info.value)
