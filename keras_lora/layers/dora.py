@@ -51,13 +51,13 @@ MAGNITUDE = "lora_magnitude"
 
 
 def check_supported(cls, use_dora):
-    """Raises if `use_dora` is set on a kind without a kernel."""
+    """Raises if `use_dora` is set on a kind that does not define DoRA
+    (every keras_lora kind does; a subclass may set `supports_dora`
+    False)."""
     if use_dora and not cls.supports_dora:
         raise ValueError(
-            f"{cls.__name__} does not support DoRA: its frozen weight is a "
-            "lookup table, not a kernel with output columns to normalise. "
-            "Expected use_dora=False for this layer kind (DoRA works on "
-            "LoRADense, LoRAEinsumDense and LoRAConv1D/2D/3D). "
+            f"{cls.__name__} does not support DoRA (its `supports_dora` is "
+            "False). Expected use_dora=False for this layer kind. "
             f"Received: use_dora={use_dora!r}"
         )
 
