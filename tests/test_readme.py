@@ -130,3 +130,37 @@ def test_readme_causal_lm_table_is_the_script(tmp_path):
     assert table.startswith("| | keras_lora |")
     assert table in TRANSFORMERS
     assert rows["keras_lora"][3] == 0  # restored exactly
+
+
+def _rows(text, header):
+    """`{(adapter, weight): cells}` of the Markdown table under `header`."""
+    table = text.split(header, 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[tuple(cells[:2])] = cells[2:]
+    return rows
+
+
+def test_readme_combining_rows_are_the_results_page():
+    # The README quotes rows and the first two score columns of the table
+    # that `keras-lora combine-digits` printed (the page's own test checks
+    # it against the command's format).
+    page = (ROOT / "docs" / "results" / "combining.md").read_text()
+    header = "| adapter | weight | digits 0-4"
+    quoted = _rows(README.replace("\n  |", "\n|"), header)
+    full = _rows(page, header)
+    assert len(quoted) == 7
+    for key, cells in quoted.items():
+        assert full[key][: len(cells)] == cells, key
+
+
+def test_readme_loftq_figures_are_the_results_page():
+    page = (ROOT / "docs" / "results" / "fine-tuning.md").read_text()
+    section = README.split("- **LoftQ.**", 1)[1].split("- **", 1)[0]
+    section = " ".join(section.split())
+    for figure in re.findall(r"\d+\.\d+% ± \d\.\d", section):
+        assert figure in page, figure
+    ratios = re.findall(r"0\.\d+×", section)
+    nf4 = re.findall(r"\| ([\d.]+) \| ([\d.]+) \(([\d.]+×)\) \|$", page, re.M)
+    assert ratios == [r for _, _, r in nf4]
