@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from keras_lora.commands.verbose import add_verbose
+from keras_lora.commands.verbose import add_table_options
 from keras_lora.utils.argtypes import positive_int
 
 
@@ -74,14 +74,7 @@ def add_arguments(p):
         type=positive_int,
         help=f"epochs per adapter (default: {merging.EPOCHS})",
     )
-    p.add_argument(
-        "--format",
-        choices=("markdown", "json"),
-        default="markdown",
-        help="how to print the results",
-    )
-    add_verbose(p)
-    p.set_defaults(run=run)
+    add_table_options(p, run)
 
 
 def run(args):

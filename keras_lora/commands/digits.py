@@ -3,7 +3,7 @@
 
 import json
 
-from keras_lora.commands.verbose import add_verbose
+from keras_lora.commands.verbose import add_table_options
 from keras_lora.utils.argtypes import UsageError, positive_int, positive_ints
 
 
@@ -39,14 +39,7 @@ def add_arguments(p):
         + ", ".join(digits.LOFTQ_EXTRAS)
         + " on request)",
     )
-    p.add_argument(
-        "--format",
-        choices=("markdown", "json"),
-        default="markdown",
-        help="how to print the results",
-    )
-    add_verbose(p)
-    p.set_defaults(run=run)
+    add_table_options(p, run)
 
 
 def _methods(text):

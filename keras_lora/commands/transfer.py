@@ -1,7 +1,7 @@
 """`keras-lora transfer`: LoRA on a small transformer (see
 `keras_lora.experiments.transfer`)."""
 
-from keras_lora.commands.verbose import add_verbose
+from keras_lora.commands.verbose import add_table_options
 from keras_lora.utils.argtypes import positive_int
 
 
@@ -13,14 +13,7 @@ def add_arguments(p):
         type=positive_int,
         help=f"run seeds 0..N-1 (default: {len(transfer.SEEDS)})",
     )
-    p.add_argument(
-        "--format",
-        choices=("markdown", "json"),
-        default="markdown",
-        help="how to print the results",
-    )
-    add_verbose(p)
-    p.set_defaults(run=run)
+    add_table_options(p, run)
 
 
 def run(args):
