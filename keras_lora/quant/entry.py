@@ -129,7 +129,8 @@ class QuantizeEntry:
 
 def check_requantize(layer, requantize):
     """Raises `ValueError` unless `requantize` is None, or "int8" for a
-    LoRA kind whose merged base Keras quantises to int8."""
+    LoRA kind whose merged base Keras quantises to int8 (not an
+    EinsumDense with an ellipsis equation)."""
     if requantize is None:
         return
     if requantize != "int8" or not layer.requantizes_int8:
@@ -138,6 +139,17 @@ def check_requantize(layer, requantize):
             f"LoRAEinsumDense or LoRAEmbedding. Received: "
             f"requantize={requantize!r} for {type(layer).__name__} "
             f"'{layer.name}'."
+        )
+    equation = getattr(layer, "equation", None)
+    if equation is not None and "..." in equation:
+        # Keras 3's `EinsumDense.quantize` fails on an ellipsis equation
+        # (its `get_specs` takes the input's rank for its shape).
+        raise ValueError(
+            "Expected requantize=None for an EinsumDense whose equation has "
+            "an ellipsis, which Keras's int8 quantisation does not handle. "
+            f"Received: requantize={requantize!r} for "
+            f"{type(layer).__name__} '{layer.name}' with "
+            f"equation={equation!r}; merge without `requantize`."
         )
 
 

@@ -190,3 +190,19 @@ def test_fit_after_the_slot_grew_asks_for_a_compile():
     _assert_values(before, model)  # on JAX too, whose fit empties them
     model.compile(keras.optimizers.SGD(0.01), "mse")
     model.fit(X, np.zeros((6, 4)), epochs=1, verbose=0)
+
+
+def test_loftq_layers_are_refused_by_name_and_left_unchanged():
+    # LoftQ's frozen weight is its quantised W - scale * A0 @ B0, not the
+    # base: neither the base alone nor a new adapter's start is the base's.
+    model = apply_lora(_base(), rank=2, lora_init="loftq", base_dtype="int8")
+    before = _values(model)
+    outputs = _np(model(X))
+    with pytest.raises(ValueError, match=r"LoftQ layers.*\['hidden', 'head'\]"):
+        with disable_adapters(model):
+            pass
+    with pytest.raises(ValueError, match=r"LoftQ layers.*\['hidden', 'head'\]"):
+        add_adapter(model, "x", rank=2)
+    _assert_values(before, model)
+    assert "_lora_active" not in model.__dict__
+    np.testing.assert_array_equal(_np(model(X)), outputs)

@@ -11,6 +11,7 @@ import pytest
 
 from keras_lora import apply_lora, merge_lora
 from keras_lora.layers import LoRAConv1D
+from keras_lora.model import tree
 
 EQUATIONS = [
     ("btd,dnh->btnh", (3, 2, 4), "nh", (3, 6)),
@@ -99,4 +100,22 @@ def test_requantize_refuses_a_convolution_and_builds_nothing():
     with pytest.raises(ValueError, match="requantize='int8' for LoRAConv1D"):
         conv.to_base(requantize="int8")
     for mine, theirs in zip(conv.weights, before):
+        np.testing.assert_array_equal(np.array(mine), theirs)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_requantize_refuses_an_ellipsis_equation_and_changes_nothing(inplace):
+    # Keras's `EinsumDense.quantize` raised a bare TypeError ("object of
+    # type 'int' has no len()") from deep inside on such an equation.
+    keras.utils.set_random_seed(0)
+    x = keras.Input((4, 5))
+    layer = keras.layers.EinsumDense("...b,bc->...c", (6,), name="e")
+    lora = apply_lora(keras.Model(x, layer(x)), rank=2)
+    before = [np.array(w) for w in lora.weights]
+    with pytest.raises(ValueError, match="requantize=None") as info:
+        merge_lora(lora, requantize="int8", inplace=inplace)
+    assert "requantize='int8'" in str(info.value)
+    assert "equation='...b,bc->...c'" in str(info.value)
+    assert list(tree.lora_layers(lora)) == ["e"]
+    for mine, theirs in zip(lora.weights, before):
         np.testing.assert_array_equal(np.array(mine), theirs)
