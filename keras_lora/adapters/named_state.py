@@ -110,20 +110,18 @@ def names_arg(names):
 def refuse_unsupported(
     layers, called="Named adapters do not support", dora=True
 ):
-    """Refuses PiSSA and OLoRA layers (whose frozen weight is a residual,
-    not the base), LoftQ layers (whose frozen weight is LoftQ's quantised
-    `W - scale * A0 @ B0`, not the base quantised) and, with `dora`, DoRA layers (one magnitude per layer),
-    naming them and what was `called`."""
-    pissa = [p for p, x in layers.items() if x.lora_init == "pissa"]
-    olora = [p for p, x in layers.items() if x.lora_init == "olora"]
-    loftq = [p for p, x in layers.items() if x.lora_init == "loftq"]
+    """Refuses layers whose frozen weight is not the base's (PiSSA, OLoRA,
+    LoftQ: `base_change()`) and, with `dora`, DoRA layers (one magnitude
+    per layer), naming them and what was `called`."""
     uses_dora = [p for p, x in layers.items() if getattr(x, "use_dora", 0)]
-    for paths, why in (
-        (uses_dora if dora else [], "DoRA layers (one magnitude per layer)"),
-        (pissa, "PiSSA layers (their frozen weight is not the base's)"),
-        (olora, "OLoRA layers (their frozen weight is not the base's)"),
-        (loftq, "LoftQ layers (their frozen weight is not the base's)"),
-    ):
+    groups = [
+        (uses_dora if dora else [], "DoRA layers (one magnitude per layer)")
+    ]
+    for change in ("PiSSA", "OLoRA", "LoftQ"):
+        paths = [p for p, x in layers.items() if x.base_change() == change]
+        why = f"{change} layers (their frozen weight is not the base's)"
+        groups.append((paths, why))
+    for paths, why in groups:
         if paths:
             raise ValueError(
                 f"{called} {why}. Received: a model "

@@ -129,6 +129,18 @@ class LinearMapView:
         if self.use_dora:  # DoRA's merge is folded in: m = its column norms
             dora.reset_magnitude(self)
 
+    def base_change(self):
+        """How the frozen weight stopped being the base's: "PiSSA" or
+        "OLoRA" (a split left a residual), "LoftQ" (quantised together
+        with the factors), or None (it is the base's weight, as stored)."""
+        if self.lora_init == "olora":
+            return "OLoRA"
+        if self.lora_init == "pissa" or self.pissa_fingerprint is not None:
+            return "PiSSA"
+        if self.lora_init == "loftq":
+            return "LoftQ"
+        return None
+
     def base_fingerprint(self):
         """The fingerprint of the frozen weight the factors belong to: the
         weight before the PiSSA or OLoRA split if there was one, else the

@@ -29,14 +29,15 @@ from keras_lora.layers import base_bias
 
 def refusal(layer):
     """None if `base_layer(layer)` gives back `layer`'s base, else why not."""
-    if layer.lora_init == "olora":
-        return "its frozen weight is the OLoRA residual, not the base's weight"
-    if layer.lora_init == "pissa" or layer.pissa_fingerprint is not None:
-        return "its frozen weight is the PiSSA residual, not the base's weight"
-    if layer.lora_init == "loftq":
+    change = layer.base_change()
+    if change == "LoftQ":
         return (
             "its frozen weight is LoftQ's quantised W - scale * A0 @ B0, not "
             "the base's weight quantised"
+        )
+    if change is not None:
+        return (
+            f"its frozen weight is the {change} residual, not the base's weight"
         )
     if base_bias.trains_bias(layer) and base_bias.known(layer) is None:
         return (

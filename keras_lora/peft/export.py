@@ -49,13 +49,12 @@ def _check(table, lora, model):
                 f"'{path}': not one of the {table.name} modules "
                 f"{sorted(table.modules)} (PEFT names only those here)"
             )
-        elif layer.lora_init == "pissa" or layer.pissa_fingerprint:
-            split = "OLoRA" if layer.lora_init == "olora" else "PiSSA"
+        elif layer.base_change() in ("PiSSA", "OLoRA"):
             problems.append(
-                f"'{path}': {split} changed its frozen weight, which a PEFT "
-                "adapter for the original base cannot carry"
+                f"'{path}': {layer.base_change()} changed its frozen weight, "
+                "which a PEFT adapter for the original base cannot carry"
             )
-        elif layer.lora_init == "loftq":
+        elif layer.base_change() == "LoftQ":
             problems.append(
                 f"'{path}': LoftQ chose its quantised base with the factors,"
                 " so a PEFT adapter for the original base cannot carry them"

@@ -203,14 +203,14 @@ def fit_existing(lora, plan):
     ] + [f"'{p}': not a LoRA layer" for p in sorted(set(plan) - set(lora))]
     for path in sorted(set(plan) & set(lora)):
         layer, entry = lora[path], plan[path]
-        if layer.lora_init == "pissa" or layer.pissa_fingerprint:
-            split = "OLoRA" if layer.lora_init == "olora" else "PiSSA"
+        if layer.base_change() in ("PiSSA", "OLoRA"):
             problems.append(
-                f"'{path}': {split} moved part of its frozen weight into the "
-                "factors; a PEFT adapter is for the original weight"
+                f"'{path}': {layer.base_change()} moved part of its frozen "
+                "weight into the factors; a PEFT adapter is for the original "
+                "weight"
             )
             continue
-        if layer.lora_init == "loftq":
+        if layer.base_change() == "LoftQ":
             problems.append(
                 f"'{path}': LoftQ quantised its frozen weight together with "
                 "its factors; a PEFT adapter is for the original weight"
