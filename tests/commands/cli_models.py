@@ -29,3 +29,12 @@ def write_files(folder, rank=2, alpha=6, **lora_kwargs):
     base.save(folder / "base.keras")
     keras_lora.save_adapters(lora, folder / "adapters.lora.h5")
     return base, lora
+
+
+def run(capsys, *argv):
+    """`keras-lora *argv` in this process: (exit status, stdout, stderr)."""
+    from keras_lora.cli import main
+
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err

@@ -4,16 +4,9 @@ import sys
 
 import numpy as np
 import pytest
-from cli_models import base_model, write_files
+from cli_models import base_model, run, write_files
 
 import keras_lora
-from keras_lora.cli import main
-
-
-def run(capsys, *argv):
-    status = main(list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.fixture(scope="module")

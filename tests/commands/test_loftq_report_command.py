@@ -3,15 +3,9 @@ two .keras files, and its usage errors."""
 
 import keras
 import pytest
+from cli_models import run
 
 from keras_lora import apply_lora, loftq_report
-from keras_lora.cli import main
-
-
-def run(capsys, *argv):
-    status = main(list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.fixture(scope="module")
