@@ -23,6 +23,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 # PEFT tensor names end in one of these after the module's path.
 _PEFT_SUFFIX = re.compile(
     r"\.(lora_A|lora_B)\.weight$|\.lora_magnitude_vector$"
+    r"|\.lora_embedding_[AB]$"  # PEFT's embedding factors: no .weight
 )
 
 
@@ -136,6 +137,7 @@ def _read_peft(folder):
     layers = []
     for module, tensors in sorted(modules.items()):
         rank = tensors.get("lora_A.weight", [None])[0]
+        rank = rank or tensors.get("lora_embedding_A", [None])[0]
         layers.append(
             LayerSummary(
                 path=module,

@@ -19,7 +19,9 @@ import numpy as np
 from keras import ops
 
 from keras_lora.model import tree as _tree
+from keras_lora.peft import embedding as _embedding
 from keras_lora.peft import names as _peft_maps
+from keras_lora.peft.names import EMBEDDING
 
 PREFIX = "base_model.model."
 
@@ -46,9 +48,12 @@ def _check(table, lora, model):
         found = table.parse_keras_path(path)
         if found is None:
             problems.append(
-                f"'{path}': not one of the {table.name} modules "
-                f"{sorted(table.modules)} (PEFT names only those here)"
+                f"'{path}': not '{table.embedding}' nor one of the "
+                f"{table.name} modules {sorted(table.modules)} (PEFT names "
+                "only those here)"
             )
+        elif found[0] is None and _embedding.export_problem(layer):
+            problems.append(f"'{path}': {_embedding.export_problem(layer)}")
         elif layer.base_change() in ("PiSSA", "OLoRA"):
             problems.append(
                 f"'{path}': {layer.base_change()} changed its frozen weight, "
@@ -84,6 +89,21 @@ def _check(table, lora, model):
     return mapped
 
 
+def _targets(model, mapped, names):
+    """The short names when every decoder block has the same modules, else
+    one regex of the full names; the embedding as PEFT's tying finds it."""
+    blocks = range(getattr(model, "num_layers", 0))
+    decoder = {p: v for p, v in mapped.items() if v[0] is not None}
+    modules = sorted({module for _, module in decoder.values()})
+    embedding = [EMBEDDING] if len(decoder) < len(mapped) else []
+    if set(decoder.values()) == {(i, m) for i in blocks for m in modules}:
+        return modules + embedding
+    # `(model.)?embed_tokens`: PEFT's ensure_weight_tying fullmatches the
+    # regex against "embed_tokens" itself.
+    escaped = [re.escape(names[p]) for p in sorted(decoder)]
+    return "|".join(escaped + [rf"(?:model\.)?{e}" for e in embedding])
+
+
 def peft_files(model, base_model_name_or_path=None):
     """Returns `(config dict, {key: float32 array})` for `model`'s LoRA."""
     table = _peft_maps.map_for(model)
@@ -92,29 +112,32 @@ def peft_files(model, base_model_name_or_path=None):
     names = {p: table.hf_name(*mapped[p]) for p in lora}
     rank = _most_common(layer.rank for layer in lora.values())
     alpha = _most_common(layer.alpha for layer in lora.values())
-    tensors = {}
+    tensors, tied = {}, False
     for path, layer in lora.items():
         a = ops.convert_to_numpy(ops.cast(layer.lora_a, "float32"))
         b = ops.convert_to_numpy(ops.cast(layer.lora_b, "float32"))
         key = PREFIX + names[path]
+        # The embedding's factors: lora_embedding_A / _B, no ".weight".
+        suffix = _embedding.SUFFIX[EMBEDDING] if mapped[path][0] is None else {}
+        a_key = f"{key}.{suffix.get('lora_A', 'lora_A.weight')}"
+        b_key = f"{key}.{suffix.get('lora_B', 'lora_B.weight')}"
         # (*input axes, r) -> (in, r) -> (r, in)
-        tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(
-            np.reshape(a, (-1, layer.rank)).T
-        )
+        tensors[a_key] = np.ascontiguousarray(np.reshape(a, (-1, layer.rank)).T)
         # (r, *output axes) -> (r, out) -> (out, r)
-        tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(
-            np.reshape(b, (layer.rank, -1)).T
-        )
+        tensors[b_key] = np.ascontiguousarray(np.reshape(b, (layer.rank, -1)).T)
+        if suffix:  # a tied embedding: PEFT's lm_head shares its factors
+            tied = _embedding.is_tied(layer)
+            tensors.update(
+                _embedding.head_tensors(layer, tensors[a_key], tensors[b_key])
+            )
         if getattr(layer, "use_dora", False):
             m = ops.convert_to_numpy(ops.cast(layer.lora_magnitude, "float32"))
             # (*output axes) -> (out,)
             tensors[f"{key}.lora_magnitude_vector"] = np.reshape(m, (-1,))
-    modules = sorted({module for _, module in mapped.values()})
-    blocks = range(getattr(model, "num_layers", 0))
-    if set(mapped.values()) == {(i, m) for i in blocks for m in modules}:
-        targets = modules
-    else:
-        targets = "|".join(re.escape(names[p]) for p in sorted(names))
+    targets = _targets(model, mapped, names)
+    paths = {name: path for path, name in names.items()}
+    if tied:  # PEFT's tied lm_head takes r and lora_alpha by its own name
+        paths[_embedding.HEAD] = table.embedding
     first = next(iter(lora.values()))
     config = {
         "peft_type": "LORA",
@@ -126,19 +149,20 @@ def peft_files(model, base_model_name_or_path=None):
         "use_rslora": first.use_rslora,
         "target_modules": targets,
         "rank_pattern": {
-            re.escape(names[p]): x.rank
-            for p, x in sorted(lora.items())
-            if x.rank != rank
+            re.escape(n): lora[p].rank
+            for n, p in sorted(paths.items())
+            if lora[p].rank != rank
         },
         "alpha_pattern": {
-            re.escape(names[p]): _number(x.alpha)
-            for p, x in sorted(lora.items())
-            if x.alpha != alpha
+            re.escape(n): _number(lora[p].alpha)
+            for n, p in sorted(paths.items())
+            if lora[p].alpha != alpha
         },
         "lora_dropout": _most_common(x.dropout for x in lora.values()),
         "fan_in_fan_out": False,
         "bias": "none",
         "use_dora": bool(getattr(first, "use_dora", False)),
+        "ensure_weight_tying": tied,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,

@@ -12,14 +12,18 @@ import collections
 import math
 import re
 
+import keras
 import numpy as np
 
 from keras_lora.layers import LoRALayer
 from keras_lora.model import tree as _tree
+from keras_lora.peft import embedding as _embedding
 from keras_lora.peft import names as _peft_maps
+from keras_lora.peft import targets as _targets
+from keras_lora.peft.names import EMBEDDING
 from keras_lora.utils import checks as _checks
 
-MAGNITUDE = "lora_magnitude_vector"  # DoRA's m, (out,)
+MAGNITUDE = _peft_maps.MAGNITUDE
 # Config fields whose non-default values change what an adapter computes
 # in ways this module does not reproduce.
 _UNSUPPORTED = (
@@ -90,27 +94,22 @@ def check_config(config, table):
         )
     targets = config.get("target_modules")
     if isinstance(targets, list):
-        unknown = sorted(set(targets) - set(table.modules))
+        known = {*table.modules, EMBEDDING, table.hf_name(None, EMBEDDING)}
+        unknown = sorted(set(targets) - known)
         if unknown:
             raise ValueError(
                 f"Expected target_modules among the {table.name} modules "
-                f"{sorted(table.modules)}. Received: target_modules="
+                f"{sorted(known)}. Received: target_modules="
                 f"{targets!r}; unknown: {unknown!r}"
             )
-
-
-def _pattern_value(patterns, name, default):
-    """PEFT's `get_pattern_key`: the first pattern that ends `name`."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
 
 
 def _factor_shapes(layer):
     """`(input axes, output axes)` of the layer's linear map."""
     if isinstance(layer, LoRALayer):
         return tuple(layer.lora_a.shape[:-1]), tuple(layer.lora_b.shape[1:])
+    if isinstance(layer, keras.layers.Embedding):  # (vocab, dim)
+        return (layer.input_dim,), (layer.output_dim,)
     kernel = tuple(layer.kernel.shape)
     equation = getattr(layer, "equation", None)
     if equation is None:  # Dense: (in, out)
@@ -124,7 +123,11 @@ def _factor_shapes(layer):
 def plan(model, table, config, tensors):
     """Returns `({path: _Entry}, problems)`; raises for foreign keys."""
     pairs, strays = collections.defaultdict(dict), []
-    for key in tensors:
+    found, others = _embedding.split(tensors)
+    embedding = {k: v for k, v in found[EMBEDDING].items() if k != "base"}
+    if embedding:  # (None, module): outside the decoder blocks
+        pairs[(None, EMBEDDING)] = embedding
+    for key in others:
         match = _peft_maps.KEY.fullmatch(key)
         known = match and table.modules.get(match.group(3), ("",))[0]
         if not match or known != match.group(2):
@@ -134,6 +137,7 @@ def plan(model, table, config, tensors):
         part = match.group(4).split(".")[0]  # lora_A, lora_B, lora_mag...
         pairs[(index, module)][part] = tensors[key]
     if strays or not pairs:
+        strays = strays if pairs else list(tensors)
         shown = ", ".join(strays[:6]) + (" ..." if len(strays) > 6 else "")
         raise ValueError(
             f"Expected the LoRA weights of a {table.name} model "
@@ -146,13 +150,13 @@ def plan(model, table, config, tensors):
     use_dora = bool(config.get("use_dora", False))
     parts = {"lora_A", "lora_B"} | ({MAGNITUDE} if use_dora else set())
     plan, problems = {}, []
-    for (index, module), factors in sorted(pairs.items()):
+    for (index, module), factors in sorted(pairs.items(), key=_order):
         name = table.hf_name(index, module)
         path = table.keras_path(index, module)
-        rank = _pattern_value(config.get("rank_pattern"), name, config["r"])
-        alpha = _pattern_value(
-            config.get("alpha_pattern"), name, config["lora_alpha"]
-        )
+        rank, alpha, _ = _targets.scale(config, name)
+        if _targets.untargeted(config, name):
+            problems.append(_targets.untargeted(config, name))
+            continue
         if set(factors) != parts:
             problems.append(
                 f"{name}: has {sorted(factors)}, expected {sorted(parts)} "
@@ -192,7 +196,19 @@ def plan(model, table, config, tensors):
             # (out,) -> (*output axes)
             np.reshape(factors[MAGNITUDE], b_axes) if use_dora else None,
         )
+    problems += _embedding.problems(
+        layers.get(table.embedding),
+        found,
+        config,
+        lambda name: _targets.scale(config, name)[2],
+    )
     return plan, problems
+
+
+def _order(item):
+    """The embedding (index None) first, then the blocks in order."""
+    (index, module), _ = item
+    return (-1 if index is None else index, module)
 
 
 def fit_existing(lora, plan):

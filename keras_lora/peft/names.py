@@ -14,10 +14,17 @@ output axes, each in kernel order), is exactly `W.T` (in, out). So PEFT's
 a transpose and a reshape too, whatever the head axes
 (`tests/test_peft.py` checks `W.T == kernel_matrix()` on converted
 checkpoints).
+
+The token embedding is PEFT's `model.embed_tokens` (keras-hub's
+`token_embedding`, whose table is the Hugging Face weight itself, (vocab,
+dim)): it lies outside the decoder blocks, so its index is None here.
 """
 
 import dataclasses
 import re
+
+EMBEDDING = "embed_tokens"  # PEFT's token embedding module
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's m, (out,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +41,8 @@ class PeftMap:
         modules: `{hf module: (hf parent, keras path under the block)}`.
         export_class: The Transformers class exports are written for (its
             decoder sits at `model.layers`).
+        embedding: The keras-hub path of the token embedding, PEFT's
+            `model.embed_tokens` (index None).
     """
 
     name: str
@@ -42,16 +51,25 @@ class PeftMap:
     block: str
     modules: dict
     export_class: str
+    embedding: str = "token_embedding"
 
     def hf_name(self, index, module):
-        """`model.layers.{index}.{parent}.{module}`, PEFT's module key."""
+        """`model.layers.{index}.{parent}.{module}`, PEFT's module key
+        (`model.embed_tokens` for the embedding)."""
+        if index is None:
+            return f"model.{EMBEDDING}"
         return f"model.layers.{index}.{self.modules[module][0]}.{module}"
 
     def keras_path(self, index, module):
+        if index is None:
+            return self.embedding
         return f"{self.block.format(index=index)}/{self.modules[module][1]}"
 
     def parse_keras_path(self, path):
-        """Returns `(index, hf module)` for a mapped keras path, or None."""
+        """Returns `(index, hf module)` for a mapped keras path, or None;
+        `(None, "embed_tokens")` for the token embedding."""
+        if path == self.embedding:
+            return None, EMBEDDING
         for module, (_, sub) in self.modules.items():
             pattern = re.escape(self.block).replace(
                 re.escape("{index}"), r"(\d+)"
