@@ -107,15 +107,17 @@ def peft_ties_head(config):
     return any(str(t).split(".")[-1] in _TIE_NAMES for t in targets or ())
 
 
+_TIED_DORA = (
+    "DoRA on a tied embedding: keras-hub's one table gives the logits the "
+    "embedding's DoRA table, while PEFT gives the tied lm_head its own "
+    "magnitude per vocabulary row, so the logits would differ"
+)
+
+
 def export_problem(layer):
     """Why `layer`, the token embedding, cannot be written, or None."""
     if is_tied(layer) and layer.use_dora:
-        return (
-            "DoRA on a tied embedding: keras-hub's one table gives the "
-            "logits the embedding's DoRA table, while PEFT gives the tied "
-            "lm_head its own magnitude per vocabulary row, so the logits "
-            "would differ"
-        )
+        return _TIED_DORA
     return None
 
 
@@ -171,7 +173,7 @@ def problems(layer, found, config, scale_of):
             "embedding's), which one tied table cannot compute"
         )
     if tied and lora and config.get("use_dora"):
-        out.append(f"{name}: {export_problem(layer)}")
+        out.append(f"{name}: {_TIED_DORA}")
     elif tied and lora and not peft_ties_head(config):
         out.append(
             f"{name}: PEFT adapts only the lookup here (ensure_weight_tying="
