@@ -86,6 +86,13 @@ def test_peft_folder(capsys, tmp_path):
         f"{prefix}.v_proj.lora_A.weight": rng.normal(size=(2, 32)),
         f"{prefix}.v_proj.lora_B.weight": rng.normal(size=(16, 2)),
         f"{prefix}.v_proj.lora_magnitude_vector": rng.normal(size=(16,)),
+        # PEFT's embedding factors carry no ".weight"
+        "base_model.model.model.embed_tokens.lora_embedding_A": rng.normal(
+            size=(3, 64)
+        ),
+        "base_model.model.model.embed_tokens.lora_embedding_B": rng.normal(
+            size=(32, 3)
+        ),
     }
     save_file(
         {k: v.astype("float32") for k, v in tensors.items()},
@@ -106,6 +113,8 @@ def test_peft_folder(capsys, tmp_path):
     assert (rows["q_proj"]["rank"], rows["q_proj"]["alpha"]) == (4, 8)
     assert (rows["v_proj"]["rank"], rows["v_proj"]["alpha"]) == (2, 3)
     assert rows["v_proj"]["use_dora"] and not rows["q_proj"]["use_dora"]
+    assert rows["embed_tokens"]["rank"] == 3
+    assert rows["embed_tokens"]["parameters"] == 3 * 64 + 32 * 3
     assert rows["v_proj"]["parameters"] == 2 * 32 + 16 * 2 + 16
     _, read = keras_lora.read_peft_adapters(tmp_path)
     assert shown["parameters"] == sum(a.size for a in read.values())
