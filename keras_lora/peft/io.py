@@ -8,7 +8,9 @@ and `...lora_B.weight` (out, r); the update is
 (`/ sqrt(r)` with `use_rslora`), `r` and `lora_alpha` overridable per
 module by `rank_pattern` / `alpha_pattern`. A DoRA adapter (`use_dora`)
 also holds `...lora_magnitude_vector` (out,), our `lora_magnitude`.
-Reading needs only
+The token embedding is `base_model.model.model.embed_tokens` with
+`lora_embedding_A` (r, vocab) and `lora_embedding_B` (dim, r); tied
+embeddings are the subtle part (`embedding.py`). Reading needs only
 `safetensors` (its numpy API) and `json`, never torch.
 
 The names map through one table per architecture (`_peft_maps.py`, next
@@ -128,7 +130,11 @@ def load_peft_adapters(model, folder):
         ValueError: the adapter is not LoRA, targets unknown modules, is for
             another architecture, has unsupported options, or its files are
             corrupt; `AdapterMismatchError` (a `ValueError`) lists every
-            layer that does not fit. A model with named adapters
+            layer that does not fit, tensors `target_modules` does not
+            name, and an `embed_tokens` adapter whose logits a tied
+            `token_embedding` cannot compute (PEFT adapting the lookup
+            alone, tied DoRA) or whose saved base table is not the
+            model's (`keras_lora.peft.embedding`). A model with named adapters
             (`add_adapter`) is refused.
     """
     from keras_lora.workflow import apply_lora
@@ -182,7 +188,9 @@ def save_peft_adapters(model, folder, base_model_name_or_path=None):
 
     Args:
         model: A keras-hub backbone with LoRA layers on the mapped modules
-            (q/k/v/o_proj, gate/up/down_proj), e.g. from `apply_lora` or
+            (q/k/v/o_proj, gate/up/down_proj, and `token_embedding` as
+            `embed_tokens`: a tied one with `ensure_weight_tying`, see
+            `keras_lora.peft.embedding`), e.g. from `apply_lora` or
             `load_peft_adapters`.
         folder: Where to write; created if missing, files replaced.
         base_model_name_or_path: Recorded in the config, as PEFT does.
@@ -190,7 +198,8 @@ def save_peft_adapters(model, folder, base_model_name_or_path=None):
     Raises:
         TypeError: `model` is not a backbone with a name table.
         ValueError: a LoRA layer PEFT cannot describe (another layer, a
-            PiSSA split, a training bias, mixed `use_rslora`), or a weight
+            PiSSA split, a training bias, mixed `use_rslora`, DoRA on a
+            tied token embedding), or a weight
             training outside the LoRA layers (`keep_trainable`), all
             listed; a model with named adapters (`add_adapter`).
     """
