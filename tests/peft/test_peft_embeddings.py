@@ -178,11 +178,14 @@ def test_peft_adapter_imports(bases, tmp_path, case):
 @pytest.fixture(scope="module")
 def tied(bases, tmp_path_factory):
     """A Gemma checkpoint's folder, its backbone (shared: refusals must
-    leave it unchanged) and a good PEFT adapter with ensure_weight_tying."""
+    leave it unchanged), a good PEFT adapter with ensure_weight_tying, and
+    PEFT's logits with it."""
     folder = bases("gemma")
     adapter = tmp_path_factory.mktemp("tied") / "good"
-    _peft_adapter(_hf("gemma", folder), adapter, ensure_weight_tying=True)
-    return folder, _backbone("gemma", folder), adapter
+    made = _peft_adapter(
+        _hf("gemma", folder), adapter, ensure_weight_tying=True
+    )
+    return folder, _backbone("gemma", folder), adapter, _peft_logits(made)
 
 
 def _edited(good, target, config, tensors):
@@ -254,7 +257,7 @@ def _refused(backbone, folder, match):
 
 @pytest.mark.parametrize("case", list(BAD_TIED))
 def test_tied_refusals_change_nothing(tied, tmp_path, case):
-    _, backbone, good = tied
+    _, backbone, good, _ = tied
     config, tensors, match = BAD_TIED[case]
     _refused(backbone, _edited(good, tmp_path / "bad", config, tensors), match)
 
@@ -262,7 +265,7 @@ def test_tied_refusals_change_nothing(tied, tmp_path, case):
 def test_tied_dora_refused_both_ways(tied, tmp_path):
     """PEFT gives a tied lm_head its own DoRA magnitude, one per vocabulary
     row; keras-hub's one table cannot: refused, nothing written."""
-    folder, backbone, _ = tied
+    folder, backbone, _, _ = tied
     made = _peft_adapter(
         _hf("gemma", folder), tmp_path, ensure_weight_tying=True, use_dora=True
     )
@@ -288,11 +291,17 @@ def test_head_keys_into_untied_model_refused(bases, tmp_path):
 
 def test_in_place_lookup_only_refused(tied, tmp_path):
     """Into a LoRA model with a tied token_embedding: refused by name,
-    its factors unchanged."""
-    _, backbone, good = tied
+    its factors unchanged; the good adapter then loads in place."""
+    _, backbone, good, expected = tied
+    table = ARCHS["gemma"][3]
+    qv = [table.keras_path(i, m) for i in (0, 1) for m in ("q_proj", "v_proj")]
     bad = _edited(good, tmp_path / "bad", {"ensure_weight_tying": False}, dict)
     lora = apply_lora(
-        backbone, rank=4, alpha=8, targets=["token_embedding"], train_bias=False
+        backbone,
+        rank=4,
+        alpha=8,
+        targets=["token_embedding", *qv],
+        train_bias=False,
     )
     _randomize(lora)
     start = {
@@ -304,3 +313,5 @@ def test_in_place_lookup_only_refused(tied, tmp_path):
         np.testing.assert_array_equal(
             keras.ops.convert_to_numpy(weight), start[weight.path]
         )
+    assert load_peft_adapters(lora, good) is lora
+    np.testing.assert_allclose(_keras_logits(lora), expected, atol=1e-4)
