@@ -121,16 +121,16 @@ def export_problem(layer):
     return None
 
 
-def head_tensors(layer, lora_a, lora_b):
+def head_tensors(layer, embedding_a, embedding_b):
     """PEFT's tied `lm_head` factors for a tied `layer` (else none):
     `lora_A` (r, dim) = `lora_embedding_B.T` and `lora_B` (vocab, r) =
-    `lora_embedding_A.T`, from ours in PEFT's layout."""
+    `lora_embedding_A.T`, from the embedding's (r, vocab) and (dim, r)."""
     if not is_tied(layer):
         return {}
     prefix = f"base_model.model.{HEAD}."
     return {
-        prefix + SUFFIX[HEAD]["lora_A"]: np.ascontiguousarray(lora_b.T),
-        prefix + SUFFIX[HEAD]["lora_B"]: np.ascontiguousarray(lora_a.T),
+        prefix + SUFFIX[HEAD]["lora_A"]: np.ascontiguousarray(embedding_b.T),
+        prefix + SUFFIX[HEAD]["lora_B"]: np.ascontiguousarray(embedding_a.T),
     }
 
 

@@ -154,8 +154,9 @@ def plan(model, table, config, tensors):
         name = table.hf_name(index, module)
         path = table.keras_path(index, module)
         rank, alpha, _ = _targets.scale(config, name)
-        if _targets.untargeted(config, name):
-            problems.append(_targets.untargeted(config, name))
+        unused = _targets.untargeted(config, name)
+        if unused:
+            problems.append(unused)
             continue
         if set(factors) != parts:
             problems.append(
