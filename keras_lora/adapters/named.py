@@ -38,6 +38,7 @@ import statistics
 import time
 
 from keras_lora.adapters import disable as _disable
+from keras_lora.adapters import named_dora
 from keras_lora.adapters.named_state import (
     active_adapters,
     check_known,
@@ -161,6 +162,7 @@ def set_adapter(model, name):
     check_known(model, names)
     if not is_named(layers):
         return  # only "default", already active
+    named_dora.check_active(model, names)
     fill_model(model, names)
     model.__dict__["_lora_active"] = names
 
@@ -228,9 +230,7 @@ def disable_adapters(model):
             f"model='{model.name}' inside a `disable_adapters` block "
             "already; leave it before disabling again."
         )
-    refuse_unsupported(
-        layers, "`disable_adapters` does not support", dora=False
-    )
+    refuse_unsupported(layers, "`disable_adapters` does not support")
     kept.refuse_unknown(model, "disable_adapters")
     unknown = [
         p
