@@ -24,6 +24,8 @@ the layers read: no variable is written).
   `add_adapter`). A layer no active adapter reaches computes with it; a
   `fit` there moves it only until the next switch.
 - Deleting an active adapter is refused: switch away first.
+- In DoRA layers each adapter keeps its own magnitude, swapped in with its
+  factors; what DoRA does not define is refused (`named_dora.py`).
 - A model with named adapters refuses `.keras` / `save_weights` saving
   (a layer's config describes one adapter): save each adapter with
   `save_adapters(..., name=...)`, or merge with `merge_lora`.
