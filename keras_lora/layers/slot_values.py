@@ -92,9 +92,7 @@ def _fill_magnitude(layer, stored, present):
         )
     if stored:
         layer.lora_magnitude.assign(_copy(stored[0].magnitude))
-    gate = float(bool(stored))
-    if float(ops.convert_to_numpy(layer.dora_gate)) != gate:
-        layer.dora_gate.assign(gate)
+    layer.dora_gate.assign(1.0 if stored else 0.0)
 
 
 def _copy(variable):

@@ -28,8 +28,10 @@ from keras_lora import (
     disable_adapters,
     list_adapters,
     load_adapters,
+    merge_lora,
     save_adapters,
     set_adapter,
+    unload,
 )
 from keras_lora.model import tree as _tree
 
@@ -340,6 +342,20 @@ def test_a_layer_no_active_adapter_reaches_is_the_base_in_training(tmp_path):
     assert not np.allclose(d1[3], 0)  # p trained
     want = _numpy_dora(x, [tuple(d1) + (1.0,), _base_layer(base, "d2")])
     np.testing.assert_allclose(_np(model(x)), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv1d", "tied"])
+def test_merge_keeps_the_active_adapter_and_unload_the_base(tmp_path, kind):
+    # PEFT's test_merge_layers_multi: merging one adapter gives its output.
+    base, x, model, (a_path, b_path) = _named(tmp_path, kind)
+    add_adapter(model, "p", rank=2, targets=_case(kind)[1][:1])
+    # "p" is fresh: the base where it reaches, and elsewhere the gate keeps
+    # the magnitude left in the slot out of the merge.
+    expected = [apply_adapters(base, p)(x) for p in (b_path, a_path)]
+    for name, want in zip(("b", "default", "p"), expected + [base(x)]):
+        set_adapter(model, name)
+        _close(merge_lora(model)(x), want)
+    _close(unload(model)(x), base(x))
 
 
 def test_delete_adapter_drops_its_magnitude(tmp_path):
