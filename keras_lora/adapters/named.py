@@ -87,9 +87,10 @@ def add_adapter(
 
     Its `lora_a` starts as each layer's own (`he_uniform`, a unit normal for
     embeddings, or a normal with standard deviation 1/rank with
-    `lora_init="gaussian"`, as PEFT's), its `lora_b` at zero and its bias
-    (if the layer trains one) at the base's, so activating it first gives
-    the base's output.
+    `lora_init="gaussian"`, as PEFT's), its `lora_b` at zero, its bias
+    (if the layer trains one) at the base's and, in a DoRA layer, its
+    magnitude at the base's column norms, so activating it first gives the
+    base's output.
 
     Args:
         model: A model with LoRA layers (from `apply_lora`).
