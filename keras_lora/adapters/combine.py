@@ -38,7 +38,7 @@ import math
 
 import numpy as np
 
-from keras_lora.adapters import combine_checks, merge_methods
+from keras_lora.adapters import combine_checks, merge_methods, named_dora
 from keras_lora.adapters import named_state as named_adapters
 from keras_lora.layers import slots
 from keras_lora.utils.linalg import svd_factors
@@ -112,6 +112,9 @@ def combine_adapters(
 
     Returns:
         `{layer path: rank}` of the new adapter.
+
+    Raises `ValueError` for adapters reaching DoRA layers: PEFT defines no
+    combination of DoRA magnitudes (`named_dora.py`).
     """
     combine_checks.check_weights(model, weights)
     sign_method = combine_checks.check_options(
@@ -119,6 +122,7 @@ def combine_adapters(
     )
     named_adapters.check_new(model, name)
     names = list(weights)
+    named_dora.refuse_combine(model, names)
     ranks = _layer_ranks(model, names)
     rule = combine_checks.base_method(method)
     if method in merge_methods.METHODS:

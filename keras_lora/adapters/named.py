@@ -24,6 +24,8 @@ the layers read: no variable is written).
   `add_adapter`). A layer no active adapter reaches computes with it; a
   `fit` there moves it only until the next switch.
 - Deleting an active adapter is refused: switch away first.
+- In DoRA layers each adapter keeps its own magnitude, swapped in with its
+  factors; what DoRA does not define is refused (`named_dora.py`).
 - A model with named adapters refuses `.keras` / `save_weights` saving
   (a layer's config describes one adapter): save each adapter with
   `save_adapters(..., name=...)`, or merge with `merge_lora`.
@@ -38,6 +40,7 @@ import statistics
 import time
 
 from keras_lora.adapters import disable as _disable
+from keras_lora.adapters import named_dora
 from keras_lora.adapters.named_state import (
     active_adapters,
     check_known,
@@ -84,9 +87,10 @@ def add_adapter(
 
     Its `lora_a` starts as each layer's own (`he_uniform`, a unit normal for
     embeddings, or a normal with standard deviation 1/rank with
-    `lora_init="gaussian"`, as PEFT's), its `lora_b` at zero and its bias
-    (if the layer trains one) at the base's, so activating it first gives
-    the base's output.
+    `lora_init="gaussian"`, as PEFT's), its `lora_b` at zero, its bias
+    (if the layer trains one) at the base's and, in a DoRA layer, its
+    magnitude at the base's column norms, so activating it first gives the
+    base's output.
 
     Args:
         model: A model with LoRA layers (from `apply_lora`).
@@ -161,6 +165,7 @@ def set_adapter(model, name):
     check_known(model, names)
     if not is_named(layers):
         return  # only "default", already active
+    named_dora.check_active(model, names)
     fill_model(model, names)
     model.__dict__["_lora_active"] = names
 
@@ -228,9 +233,7 @@ def disable_adapters(model):
             f"model='{model.name}' inside a `disable_adapters` block "
             "already; leave it before disabling again."
         )
-    refuse_unsupported(
-        layers, "`disable_adapters` does not support", dora=False
-    )
+    refuse_unsupported(layers, "`disable_adapters` does not support")
     kept.refuse_unknown(model, "disable_adapters")
     unknown = [
         p

@@ -1,6 +1,9 @@
 """Adapter files for named adapters: one named adapter per file, in the
 format `adapters.py` writes, so a file saved from a named adapter loads
-into a plain LoRA model and an old file loads into a named slot."""
+into a plain LoRA model and an old file loads into a named slot.
+
+In a DoRA layer each adapter's file holds its own `lora_magnitude`; a file
+whose `use_dora` differs from the layer's is refused, naming the layer."""
 
 import os
 
@@ -57,6 +60,8 @@ def entries(model, name):
             "bias": stored.bias is not None,
         }
         arrays = {"lora_a": stored.a, "lora_b": stored.b}
+        if stored.magnitude is not None:
+            arrays["lora_magnitude"] = stored.magnitude
         if stored.bias is not None:
             arrays["bias"] = stored.bias
         arrays = {
@@ -84,8 +89,14 @@ def _problems(layers, saved):
                     f"'{path}': {key} is {record.get(key)!r} in the file, "
                     f"{expected[key]!r} in the model"
                 )
-        if record.get("use_dora"):
-            problems.append(f"'{path}': a DoRA adapter, not a plain LoRA one")
+        if bool(record.get("use_dora")) != bool(layer.use_dora):
+            kinds = ("a plain LoRA", "a DoRA")
+            problems.append(
+                f"'{path}': {kinds[bool(record.get('use_dora'))]} adapter "
+                f"(use_dora={bool(record.get('use_dora'))}), the model's "
+                f"layer is {kinds[bool(layer.use_dora)]} one "
+                f"(use_dora={bool(layer.use_dora)})"
+            )
         split = {"pissa": "a PiSSA", "olora": "an OLoRA"}
         if record.get("lora_init") in split:
             # Its factors belong to the residual, not to the shared base.
@@ -99,6 +110,8 @@ def _problems(layers, saved):
             "lora_a": tuple(layer.lora_a.shape[:-1]) + (rank,),
             "lora_b": (rank,) + tuple(layer.lora_b.shape[1:]),
         }
+        if layer.use_dora:
+            want["lora_magnitude"] = tuple(layer.lora_magnitude.shape)
         if "bias" in arrays:
             if not slots.trains_bias(layer):
                 problems.append(

@@ -107,25 +107,15 @@ def names_arg(names):
     return tuple(names)
 
 
-def refuse_unsupported(
-    layers, called="Named adapters do not support", dora=True
-):
+def refuse_unsupported(layers, called="Named adapters do not support"):
     """Refuses layers whose frozen weight is not the base's (PiSSA, OLoRA,
-    LoftQ: `base_change()`) and, with `dora`, DoRA layers (one magnitude
-    per layer), naming them and what was `called`."""
-    uses_dora = [p for p, x in layers.items() if getattr(x, "use_dora", 0)]
-    groups = [
-        (uses_dora if dora else [], "DoRA layers (one magnitude per layer)")
-    ]
+    LoftQ: `base_change()`), naming them and what was `called`."""
     for change in ("PiSSA", "OLoRA", "LoftQ"):
         paths = [p for p, x in layers.items() if x.base_change() == change]
-        why = f"{change} layers (their frozen weight is not the base's)"
-        groups.append((paths, why))
-    for paths, why in groups:
         if paths:
             raise ValueError(
-                f"{called} {why}. Received: a model "
-                f"with such layers at {paths}."
+                f"{called} {change} layers (their frozen weight is not the "
+                f"base's). Received: a model with such layers at {paths}."
             )
 
 

@@ -62,29 +62,38 @@ def check_supported(cls, use_dora):
         )
 
 
-def column_norms(layer):
+def column_norms(layer, delta=None):
     """`||W + scale * A @ B||_c`: one float32 norm per output column of the
-    (in, out) matrix view, shape `(out_features,)`.
+    (in, out) matrix view, shape `(out_features,)`; with `delta`, the norms
+    of `W + delta` instead (`delta` broadcasts to (in, out): 0 gives the
+    base's own norms, as a new named adapter starts with).
 
     `W` is taken in the compute dtype, as the call multiplies by it (under
     mixed precision Keras reads it so inside the call), so the norm is the
     same inside and outside the call and a fresh layer is exact.
     """
     kernel = ops.cast(layer.kernel_matrix(), layer.compute_dtype)
-    matrix = ops.add(
-        ops.cast(kernel, "float32"),
-        ops.cast(layer.delta_matrix(), "float32"),
-    )
+    delta = layer.delta_matrix() if delta is None else delta
+    matrix = ops.add(ops.cast(kernel, "float32"), ops.cast(delta, "float32"))
     # (in, out) -> (out,)
     return ops.sqrt(ops.sum(ops.square(matrix), axis=0))
 
 
 def _factor(layer, norms):
     """`m / ||W + scale * A @ B||_c`, flat `(out_features,)`; a zero
-    column divides by 1 (its output is zero whatever the factor)."""
+    column divides by 1 (its output is zero whatever the factor).
+
+    A layer holding named adapters has a non-trainable `dora_gate`: 1 while
+    one of them fills its slot, 0 while none does (the factor is then 1,
+    the base's, and `m` gets no gradient)."""
     safe = ops.where(ops.greater(norms, 0), norms, ops.ones_like(norms))
     magnitude = ops.cast(ops.reshape(layer.lora_magnitude, (-1,)), "float32")
-    return ops.divide(magnitude, safe)
+    factor = ops.divide(magnitude, safe)
+    gate = getattr(layer, "dora_gate", None)
+    if gate is None:
+        return factor
+    gate = ops.cast(gate, "float32")
+    return ops.add(ops.multiply(gate, factor), ops.subtract(1.0, gate))
 
 
 def add_magnitude(layer, units_shape):

@@ -1,6 +1,7 @@
 """Moving values between a layer's slot and its named adapters: `fill`
 puts stored adapters in the slot, side by side and zero-padded, with their
-scales; `write_back` copies what the slot trained back to them.
+scales (and, in a DoRA layer, the one adapter's magnitude); `write_back`
+copies what the slot trained back to them.
 
 The slot and the stored adapters are described in `slots.py`.
 """
@@ -28,6 +29,9 @@ def write_back(layer):
         stored.a.assign(_copy(a_slot) if full else a_slot[..., offset:end])
         stored.b.assign(_copy(b_slot) if full else b_slot[offset:end])
         offset = end
+    if layer.use_dora and len(slots.active) == 1:
+        stored = slots.adapters[slots.active[0]]
+        stored.magnitude.assign(_copy(layer.lora_magnitude))
     holders = [n for n in slots.active if slots.adapters[n].bias is not None]
     if len(holders) == 1:
         slots.adapters[holders[0]].bias.assign(_copy(layer.bias))
@@ -46,6 +50,8 @@ def fill(layer, names):
     slots = slots_of(layer)
     present = tuple(n for n in names if n in slots.adapters)
     stored = [slots.adapters[n] for n in present]
+    if layer.use_dora:
+        _fill_magnitude(layer, stored, present)
     pad = layer.rank - sum(s.rank for s in stored)
     a_parts = [s.a for s in stored]
     b_parts = [s.b for s in stored]
@@ -74,6 +80,19 @@ def fill(layer, names):
             slots.filled_bias = total.astype(base.dtype)
             layer.bias.assign(slots.filled_bias)
     slots.active = present
+
+
+def _fill_magnitude(layer, stored, present):
+    """The one adapter's magnitude in the slot, gate 1; none: gate 0."""
+    if len(stored) > 1:
+        raise ValueError(
+            f"Expected at most one active adapter in the DoRA layer "
+            f"'{layer.name}', each with its own magnitude. Received: "
+            f"{list(present)}."
+        )
+    if stored:
+        layer.lora_magnitude.assign(_copy(stored[0].magnitude))
+    layer.dora_gate.assign(1.0 if stored else 0.0)
 
 
 def _copy(variable):

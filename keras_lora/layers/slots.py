@@ -15,9 +15,16 @@ scale is 0), so it stays zero, and the stored adapters are written back from
 the slot on a switch, a save and a combine (`slot_values.py` moves the
 values between the slot and the stored adapters).
 
+A DoRA layer (`dora.py`) stores each adapter's magnitude `m` beside its
+factors, and its trainable `lora_magnitude` is the slot's: it holds the
+active adapter's `m`. A new adapter's `m` is the base's column norms
+(exact at the start, as PEFT's `add_adapter`). Each magnitude belongs to
+one direction, so a DoRA layer holds at most one active adapter; where it
+holds none, its non-trainable `dora_gate` is 0 and it computes the base.
+
 Sources:
 - Hugging Face PEFT `tuners/lora/layer.py` (`lora_A` / `lora_B` /
-  `scaling` dicts keyed by adapter name).
+  `scaling` / `lora_magnitude_vector` dicts keyed by adapter name).
 - Sheng et al., "S-LoRA", 2023, arXiv:2311.03285 (one base, many
   adapters, switched without copying the base).
 """
@@ -28,13 +35,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lora.layers import base_bias
+from keras_lora.layers import base_bias, dora
 
 
 class Stored:
     """One named adapter of one layer: its settings and its variables."""
 
-    def __init__(self, rank, alpha, use_rslora, lora_init, a, b, bias):
+    def __init__(
+        self, rank, alpha, use_rslora, lora_init, a, b, bias, magnitude=None
+    ):
         self.rank = rank
         self.alpha = float(alpha)
         self.use_rslora = use_rslora
@@ -42,6 +51,7 @@ class Stored:
         self.a = a  # (*in_axes, rank)
         self.b = b  # (rank, *out_axes)
         self.bias = bias  # the bias shape, or None
+        self.magnitude = magnitude  # DoRA's m, lora_magnitude's shape
 
     @property
     def scale(self):
@@ -50,7 +60,8 @@ class Stored:
         return self.alpha / self.rank
 
     def variables(self):
-        return [v for v in (self.a, self.b, self.bias) if v is not None]
+        found = (self.a, self.b, self.bias, self.magnitude)
+        return [v for v in found if v is not None]
 
 
 class Slots:
@@ -104,6 +115,17 @@ def _weight(layer, name, value):
     return variable
 
 
+def _magnitude(layer, name, value):
+    """Adapter `name`'s DoRA magnitude, a new variable holding `value`
+    (None: the base's column norms), or None for a layer without DoRA."""
+    if not layer.use_dora:
+        return None
+    if value is None:
+        norms = dora.column_norms(layer, delta=0.0)
+        value = ops.reshape(norms, layer.lora_magnitude.shape)
+    return _weight(layer, f"adapter_{name}_magnitude", value)
+
+
 def _refuse_save(store):
     raise ValueError(
         "A layer holding named adapters cannot be saved with its weights "
@@ -135,12 +157,17 @@ def enter(layer, name):
         None
         if bias is None
         else _weight(layer, f"adapter_{name}_bias", _numpy(layer.bias)),
+        None
+        if not layer.use_dora
+        else _magnitude(layer, name, _numpy(layer.lora_magnitude)),
     )
     slots.adapters[name] = stored
     slots.active = (name,)
     # Set last: from here on `scale` is 1 and `_lora_b` reads the scales.
     layer.__dict__["_named_adapters"] = slots
     layer.adapter_scales = _weight(layer, "adapter_scales", scales)
+    if layer.use_dora:  # 1: an adapter fills the slot
+        layer.dora_gate = _weight(layer, "dora_gate", np.ones((), "float32"))
     layer.__dict__["save_own_variables"] = _refuse_save
 
 
@@ -162,16 +189,21 @@ def add(layer, name, rank, alpha, use_rslora, lora_init, a_init):
         _weight(layer, f"adapter_{name}_a", a),
         _weight(layer, f"adapter_{name}_b", np.zeros(b_shape, "float32")),
         bias,
+        _magnitude(layer, name, None),
     )
 
 
 def put(layer, name, stored_values, rank, alpha, use_rslora, lora_init):
-    """Stores adapter `name` from arrays `{"lora_a", "lora_b"[, "bias"]}`."""
+    """Stores adapter `name` from arrays `{"lora_a", "lora_b"[, "bias"]
+    [, "lora_magnitude"]}` (the magnitude: needed by a DoRA layer)."""
     slots = slots_of(layer)
     bias = None
     if slots.base_bias is not None:
         value = stored_values.get("bias", _numpy(slots.base_bias))
         bias = _weight(layer, f"adapter_{name}_bias", value)
+    magnitude = None
+    if layer.use_dora:
+        magnitude = _magnitude(layer, name, stored_values["lora_magnitude"])
     slots.adapters[name] = Stored(
         rank,
         alpha,
@@ -180,6 +212,7 @@ def put(layer, name, stored_values, rank, alpha, use_rslora, lora_init):
         _weight(layer, f"adapter_{name}_a", stored_values["lora_a"]),
         _weight(layer, f"adapter_{name}_b", stored_values["lora_b"]),
         bias,
+        magnitude,
     )
 
 

@@ -18,6 +18,7 @@ from keras_lora import (
     load_adapters,
     merge_lora,
     save_adapters,
+    set_adapter,
 )
 from keras_lora.adapters.files import AdapterMismatchError
 from keras_lora.layers import LoRAReversibleEmbedding
@@ -128,16 +129,20 @@ def test_disable_adapters_gives_the_base_exactly():
     np.testing.assert_array_equal(_np(model(ids)), adapted)
 
 
-def test_named_adapters_refuse_dora_embeddings_as_other_kinds():
-    # Named adapters keep one magnitude per layer for no kind yet: the
-    # refusal names DoRA, and nothing changes.
-    model = _dora_model(_base())
-    before = [_np(v).copy() for v in model.weights]
-    with pytest.raises(ValueError, match="DoRA layers.*'emb'"):
-        add_adapter(model, "other", rank=2)
-    assert len(model.weights) == len(before)
-    for old, v in zip(before, model.weights):
-        np.testing.assert_array_equal(_np(v), old)
+def test_named_adapters_keep_one_magnitude_each():
+    # More in tests/adapters/test_named_dora.py: a new adapter starts at
+    # the base, and switching back brings the first magnitude back.
+    base = _base()
+    model = _dora_model(base)
+    ids, _ = _data()
+    adapted = _np(model(ids))
+    add_adapter(model, "other", rank=2)
+    set_adapter(model, "other")
+    np.testing.assert_allclose(
+        _np(model(ids)), _np(base(ids)), rtol=1e-6, atol=1e-6
+    )
+    set_adapter(model, "default")
+    np.testing.assert_array_equal(_np(model(ids)), adapted)
 
 
 def test_keras_hub_causal_lm_tied_table_merges_exactly():

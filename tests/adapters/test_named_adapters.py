@@ -568,18 +568,6 @@ def test_bad_input_on_other_models(tmp_path):
         _assert_same_values(before, _values(other))
 
 
-def test_dora_layers_are_refused():
-    base = _base()
-    try:
-        model = apply_lora(base, rank=2, use_dora=True)
-    except TypeError:
-        pytest.skip("this tree has no DoRA yet")
-    before = _values(model)
-    with pytest.raises(ValueError, match="DoRA"):
-        add_adapter(model, "b")
-    _assert_same_values(before, _values(model))
-
-
 def test_a_traced_predict_sees_a_wider_adapter_loaded_after_it(two, tmp_path):
     base, model, _, _ = two
     model.predict(X, verbose=0)  # traces with the rank-3 slot
