@@ -324,9 +324,7 @@ def test_a_non_finite_weight_is_refused_before_anything_changes(mode, bad):
     kernel[4, 1] = kernel[9, 2] = kernel[0, 0] = bad
     layer.kernel.assign(kernel)
     before = [_np(v).copy() for v in model.weights]
-    message = (
-        f"the frozen weight of '{layer.name}' with 3 NaN or inf value"
-    )
+    message = f"the frozen weight of '{layer.name}' with 3 NaN or inf value"
     with pytest.raises(ValueError, match=message):
         LoRADense.from_base(layer, rank=2, lora_init="loftq", base_dtype=mode)
     for inplace in (False, True):
