@@ -164,7 +164,7 @@ CASES = {
         "it is not built",
     ),
     "apply_lora bad rank": (_apply(rank=0), ValueError, "rank=0"),
-    "apply_lora bool rank": (_apply(rank=True), ValueError, "rank=True"),
+    "apply_lora bool rank": (_apply(rank=True), TypeError, "rank=True"),
     "apply_lora bad alpha": (_apply(alpha=0.0), ValueError, "alpha=0.0"),
     "apply_lora bad dropout": (
         _apply(dropout=-0.5),

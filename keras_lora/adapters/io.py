@@ -20,6 +20,7 @@ from keras_lora.adapters.files import (
 )
 from keras_lora.model import positions
 from keras_lora.model import tree as _tree
+from keras_lora.utils import checks as _checks
 from keras_lora.workflow import adapt
 
 
@@ -130,6 +131,7 @@ def apply_adapters(model, path, inplace=False):
     reverse, for the layers inside the backbone.
     """
     _tree.require_model(model)
+    _checks.boolean("inplace", inplace)  # the file's errors are caught below
     saved = _current_paths(model, read_adapters(path))
     records = [record for record, _ in saved.values()]
     setting = {
@@ -171,6 +173,6 @@ def apply_adapters(model, path, inplace=False):
         )
     except AdapterMismatchError:
         raise
-    except ValueError as error:
+    except (TypeError, ValueError) as error:  # the file's settings
         raise AdapterMismatchError(os.fspath(path), [str(error)]) from error
     return lora

@@ -16,7 +16,7 @@ SEED_UNITS = (256, 128, 64, 10)
 def _check_chain(input_dim, units):
     _checks.positive_int("input_dim", input_dim)
     if isinstance(units, (str, bytes)) or not hasattr(units, "__len__"):
-        raise ValueError(
+        raise TypeError(
             "Expected `units` to be a non-empty sequence of positive "
             f"integers. Received: units={units!r}"
         )

@@ -31,7 +31,7 @@ import math
 
 import keras
 
-from keras_lora.layers import base_bias, dora, loftq
+from keras_lora.layers import base_bias, dora, factor_init, loftq
 from keras_lora.layers.conversion import LORA_KEYS, BaseConversion  # noqa: F401
 from keras_lora.layers.kernel_bias import KernelBiasArgs
 from keras_lora.layers.linear_map import LinearMapView
@@ -72,8 +72,10 @@ class LoRALayer(
         dropout: Float in [0, 1), dropout on the LoRA branch's input during
             training only.
         lora_a_initializer: Initializer for `lora_a`; defaults to
-            `"he_uniform"`. Must be left unset with `lora_init="gaussian"`.
-        lora_b_initializer: Initializer for `lora_b`; defaults to zeros.
+            `"he_uniform"`. Only with `lora_init="default"`: the other
+            inits set the factors themselves (`factor_init.py`).
+        lora_b_initializer: Initializer for `lora_b`; defaults to zeros,
+            the only value other inits than `"default"` accept.
         lora_regularizer: Regularizer for both `lora_a` and `lora_b`. The
             kind's `kernel_regularizer` (`embeddings_regularizer`) applies
             to both factors too, as with Keras's `enable_lora`; with both
@@ -148,14 +150,7 @@ class LoRALayer(
         )
         _checks.boolean("use_dora", use_dora)
         dora.check_supported(type(self), use_dora)
-        if lora_init == "gaussian" and lora_a_initializer is not None:
-            raise ValueError(
-                "Expected `lora_a_initializer` to be unset with "
-                "lora_init='gaussian', which draws lora_a with standard "
-                "deviation 1/rank. "
-                f"Received: lora_a_initializer={lora_a_initializer!r}; use "
-                "lora_init='default' to keep your initializer."
-            )
+        factor_init.check(lora_init, lora_a_initializer, lora_b_initializer)
         super().__init__(**kwargs)
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
@@ -188,7 +183,9 @@ class LoRALayer(
 
     @classmethod
     def from_config(cls, config):
-        layer = super().from_config(config)
+        # Older versions accepted (and never applied) an initializer with
+        # an init that sets the factors itself (`factor_init.py`).
+        layer = super().from_config(factor_init.config_as_loaded(config))
         layer._warn_rank = False  # a reload or copy: warned when first built
         return layer
 

@@ -27,18 +27,22 @@ from keras_lora.utils import checks as _checks
 
 
 def _int_tuple(name, value, n):
+    """`value` as a tuple of `n` positive ints: `TypeError` for another
+    type (bools included), `ValueError` for another length or a value
+    below 1."""
     values = (value,) * n if isinstance(value, int) else value
-    if (
-        not isinstance(values, (tuple, list))
-        or len(values) != n
-        or any(isinstance(v, bool) or not isinstance(v, int) for v in values)
-        or min(values) <= 0
+    if not isinstance(values, (tuple, list)) or any(
+        isinstance(v, bool) or not isinstance(v, int) for v in values
     ):
-        raise ValueError(
-            f"Expected `{name}` to be a positive integer or a tuple of {n} "
-            f"positive integers. Received: {name}={value!r}"
-        )
-    return tuple(values)
+        error = TypeError
+    elif len(values) != n or min(values) <= 0:
+        error = ValueError
+    else:
+        return tuple(values)
+    raise error(
+        f"Expected `{name}` to be a positive integer or a tuple of {n} "
+        f"positive integers. Received: {name}={value!r}"
+    )
 
 
 class LoRAConv(LoRALayer):

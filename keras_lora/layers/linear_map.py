@@ -14,9 +14,10 @@ Sources:
 
 import math
 
+import numpy as np
 from keras import ops
 
-from keras_lora.layers import dora, olora
+from keras_lora.layers import dora, factor_init, olora
 from keras_lora.layers.fingerprint import weight_fingerprint
 from keras_lora.utils.linalg import svd_factors
 
@@ -113,6 +114,7 @@ class LinearMapView:
         self._refuse_split_of_int_base(method.split("_")[0])
         merged_kernel = self.merged_kernel()
         merged = self._to_matrix(merged_kernel)
+        self._refuse_non_finite(method, merged)
         a, b = factors(merged, self.rank, *factor_args)
         # (in, r) @ (r, out) -> (in, out)
         residual = ops.subtract(
@@ -126,8 +128,23 @@ class LinearMapView:
             # Recorded in the config and adapter files, so that a file
             # rebuilds the residual rather than loading onto the base.
             self.lora_init = "pissa"
+            factor_init.unset(self)  # the factors no longer come from them
         if self.use_dora:  # DoRA's merge is folded in: m = its column norms
             dora.reset_magnitude(self)
+
+    def _refuse_non_finite(self, method, matrix):
+        """Raises `ValueError` naming the layer if `matrix` (the weight a
+        split would factor) holds NaN or inf, whose factors would too."""
+        values = np.asarray(ops.convert_to_numpy(matrix))
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' cannot take "
+                f"`{method}()`: expected a finite weight to split (the "
+                "frozen weight with the current update folded in). "
+                f"Received: {bad} NaN or inf value(s) in its "
+                f"{tuple(values.shape)} matrix; nothing was changed."
+            )
 
     def base_change(self):
         """How the frozen weight stopped being the base's: "PiSSA" or

@@ -23,6 +23,7 @@ import numbers
 import numpy as np
 from keras import ops
 
+from keras_lora.layers import factor_init
 from keras_lora.quant import formats as quant
 from keras_lora.quant.loftq import loftq_decompose
 
@@ -68,6 +69,12 @@ def defer(layer, lora_kwargs, base_dtype, stored):
     layer is built as a plain float LoRA layer, then `initialise` runs."""
     lora_init = lora_kwargs.get("lora_init", "default")
     iterations = lora_kwargs.get("loftq_iterations")
+    # The layer is built with lora_init="default": check them here.
+    factor_init.check(
+        lora_init,
+        lora_kwargs.get("lora_a_initializer"),
+        lora_kwargs.get("lora_b_initializer"),
+    )
     if lora_init == "loftq" and stored is not None:
         raise ValueError(
             "Expected a float layer with lora_init='loftq', which needs the "

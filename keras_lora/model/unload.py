@@ -56,8 +56,8 @@ def unload(model, inplace=False):
     unchanged; an in-place unload leaves `model` uncompiled, as
     `merge_lora(inplace=True)` does.
 
-    Raises, changing nothing, `TypeError` for a non-model and `ValueError`
-    for a non-bool `inplace` (as `merge_lora`), a model without LoRA
+    Raises, changing nothing, `TypeError` for a non-model or a non-bool
+    `inplace` (as `merge_lora`), and `ValueError` for a model without LoRA
     layers, a call inside `disable_adapters`, or layers whose base cannot
     come back (a frozen weight that is a PiSSA residual: use `merge_lora`),
     naming them.

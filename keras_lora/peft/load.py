@@ -51,6 +51,16 @@ _Entry = collections.namedtuple(
 )
 
 
+def _file_value(check, name, value):
+    """`check(name, value)` on a value read from adapter_config.json, where
+    a wrong type too is a bad file: a `ValueError`, as for its other
+    fields."""
+    try:
+        check(name, value)
+    except TypeError as error:
+        raise ValueError(f"{error} in adapter_config.json") from None
+
+
 def check_config(config, table):
     kind = config.get("peft_type")
     if kind != "LORA":
@@ -58,8 +68,14 @@ def check_config(config, table):
             f"Expected a PEFT LoRA adapter (peft_type='LORA'). Received: "
             f"peft_type={kind!r}; other PEFT methods are not LoRA layers."
         )
-    _checks.positive_int("r", config.get("r"))
-    _checks.positive_number("lora_alpha", config.get("lora_alpha"))
+    _file_value(_checks.positive_int, "r", config.get("r"))
+    _file_value(_checks.positive_number, "lora_alpha", config.get("lora_alpha"))
+    for field, check in (
+        ("rank_pattern", _checks.positive_int),
+        ("alpha_pattern", _checks.positive_number),
+    ):
+        for key, value in (config.get(field) or {}).items():
+            _file_value(check, f"{field}[{key!r}]", value)
     if config.get("fan_in_fan_out"):
         raise ValueError(
             "Expected fan_in_fan_out=false: the (in, out) weight layout of "

@@ -10,6 +10,8 @@ import pytest
 
 from keras_lora import (
     AdapterMismatchError,
+    LoRALayer,
+    apply_adapters,
     apply_lora,
     build_baseline_model,
     build_lora_model,
@@ -205,6 +207,36 @@ def test_not_an_adapter_file(tmp_path):
     text.write_text("hello")
     with pytest.raises(ValueError, match="notes.txt"):
         load_adapters(model, text)
+
+
+@pytest.mark.parametrize(
+    "key, value, received",
+    [
+        ("rank", "2", "rank['layer_1']='2'"),
+        ("alpha", True, "alpha['layer_1']=True"),
+        ("use_rslora", "yes", "use_rslora='yes'"),
+        ("dropout", "0.1", "dropout='0.1'"),
+    ],
+)
+def test_a_setting_of_the_wrong_type_in_the_file_is_a_mismatch(
+    tmp_path, key, value, received
+):
+    # The layer checks raise TypeError for these; from a file they are a
+    # file that does not fit (a ValueError), as a wrong value is.
+    path = tmp_path / "a.lora.h5"
+    save_adapters(_trained(_base()), path)
+    with h5py.File(path, "r+") as f:
+        records = json.loads(f.attrs["layers"])
+        for record in records:
+            record[key] = value
+        f.attrs["layers"] = json.dumps(records)
+    base = _base()
+    before = _snapshot(base)
+    with pytest.raises(AdapterMismatchError) as info:
+        apply_adapters(base, path)
+    assert f"Received: {received}" in str(info.value)
+    _assert_same(_snapshot(base), before)
+    assert not any(isinstance(x, LoRALayer) for x in base.layers)
 
 
 def test_save_needs_lora_layers(tmp_path):

@@ -79,15 +79,19 @@ def test_rank_and_counts():
 
 
 @pytest.mark.parametrize(
-    "kwargs, received",
+    "kwargs, error, received",
     [
-        ({"input_dim": 0}, "input_dim=0"),
-        ({"units": ()}, "units=()"),
-        ({"units": (4, 0)}, "units=0"),
-        ({"units": 5}, "units=5"),
-        ({"rank": 0}, "rank=0"),
+        ({"input_dim": 0}, ValueError, "input_dim=0"),
+        ({"input_dim": 2.0}, TypeError, "input_dim=2.0"),
+        ({"units": ()}, ValueError, "units=()"),
+        ({"units": (4, 0)}, ValueError, "units=0"),
+        ({"units": (4, "8")}, TypeError, "units='8'"),
+        ({"units": 5}, TypeError, "units=5"),
+        ({"rank": 0}, ValueError, "rank=0"),
+        ({"rank": True}, TypeError, "rank=True"),
     ],
 )
-def test_bad_builder_arguments(kwargs, received):
-    with pytest.raises(ValueError, match=f"Received: {received}"):
+def test_bad_builder_arguments(kwargs, error, received):
+    with pytest.raises(error, match=f"Received: {received}") as info:
         build_lora_model(**kwargs)
+    assert type(info.value) is error

@@ -110,8 +110,15 @@ def test_compare_mismatched_models_raises():
 
 
 @pytest.mark.parametrize(
-    "args", [(0, 3, 2), (3, 0, 2), (3, 3, 0), (3, 3, True)]
+    "args, error, received",
+    [
+        ((0, 3, 2), ValueError, "d=0"),
+        ((3, 0, 2), ValueError, "k=0"),
+        ((3, 3, 0), ValueError, "rank=0"),
+        ((3, 3, True), TypeError, "rank=True"),
+        ((3.0, 3, 2), TypeError, "d=3.0"),
+    ],
 )
-def test_analytic_bad_arguments(args):
-    with pytest.raises(ValueError, match="Received"):
+def test_analytic_bad_arguments(args, error, received):
+    with pytest.raises(error, match=f"Received: {received}$"):
         lora_parameter_count(*args)

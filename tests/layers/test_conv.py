@@ -379,31 +379,48 @@ def test_rank_larger_than_the_map_warns():
         LoRAConv1D(3, 1, rank=4).build((None, 5, 2))
 
 
+# A wrong type is a TypeError (a bool where an int is expected too), a
+# wrong value of the right type a ValueError.
 BAD_ARGS = [
-    (LoRAConv2D, {"rank": 0}, "rank=0"),
-    (LoRAConv2D, {"rank": True}, "rank=True"),
-    (LoRAConv2D, {"rank": 2.5}, "rank=2.5"),
-    (LoRAConv1D, {"filters": 0}, "filters=0"),
-    (LoRAConv2D, {"kernel_size": (3,)}, "kernel_size=(3,)"),
-    (LoRAConv2D, {"kernel_size": 0}, "kernel_size=0"),
-    (LoRAConv1D, {"strides": True}, "strides=True"),
-    (LoRAConv2D, {"padding": "causal"}, "padding='causal'"),
-    (LoRAConv2D, {"data_format": "NHWC"}, "data_format='NHWC'"),
-    (LoRAConv2D, {"groups": 3}, "groups=3, filters=4"),
-    (LoRAConv3D, {"groups": 0}, "groups=0"),
-    (LoRAConv1D, {"groups": True}, "groups=True"),
-    (LoRAConv3D, {"padding": "causal"}, "padding='causal'"),
-    (LoRAConv3D, {"kernel_size": (3, 3)}, "kernel_size=(3, 3)"),
-    (LoRAConv2D, {"kernel_constraint": "non_neg"}, "kernel_constraint="),
-    (LoRAConv2D, {"strides": 2, "dilation_rate": 2}, "strides=(2, 2)"),
-    (LoRAConv2D, {"dropout": 1.0}, "dropout=1.0"),
+    (LoRAConv2D, {"rank": 0}, ValueError, "rank=0"),
+    (LoRAConv2D, {"rank": True}, TypeError, "rank=True"),
+    (LoRAConv2D, {"rank": 2.5}, TypeError, "rank=2.5"),
+    (LoRAConv1D, {"filters": 0}, ValueError, "filters=0"),
+    (LoRAConv1D, {"filters": "4"}, TypeError, "filters='4'"),
+    (LoRAConv2D, {"kernel_size": (3,)}, ValueError, "kernel_size=(3,)"),
+    (LoRAConv2D, {"kernel_size": 0}, ValueError, "kernel_size=0"),
+    (LoRAConv2D, {"kernel_size": "3"}, TypeError, "kernel_size='3'"),
+    (LoRAConv2D, {"kernel_size": (3, 2.0)}, TypeError, "kernel_size=(3, 2.0)"),
+    (LoRAConv1D, {"strides": True}, TypeError, "strides=True"),
+    (LoRAConv2D, {"padding": "causal"}, ValueError, "padding='causal'"),
+    (LoRAConv2D, {"data_format": "NHWC"}, ValueError, "data_format='NHWC'"),
+    (LoRAConv2D, {"groups": 3}, ValueError, "groups=3, filters=4"),
+    (LoRAConv3D, {"groups": 0}, ValueError, "groups=0"),
+    (LoRAConv1D, {"groups": True}, TypeError, "groups=True"),
+    (LoRAConv3D, {"padding": "causal"}, ValueError, "padding='causal'"),
+    (LoRAConv3D, {"kernel_size": (3, 3)}, ValueError, "kernel_size=(3, 3)"),
+    (
+        LoRAConv2D,
+        {"kernel_constraint": "non_neg"},
+        ValueError,
+        "kernel_constraint=",
+    ),
+    (
+        LoRAConv2D,
+        {"strides": 2, "dilation_rate": 2},
+        ValueError,
+        "strides=(2, 2)",
+    ),
+    (LoRAConv2D, {"dropout": 1.0}, ValueError, "dropout=1.0"),
+    (LoRAConv2D, {"use_bias": "no"}, TypeError, "use_bias='no'"),
 ]
 
 
-@pytest.mark.parametrize("cls, kwargs, received", BAD_ARGS)
-def test_bad_constructor_arguments(cls, kwargs, received):
-    with pytest.raises(ValueError) as info:
+@pytest.mark.parametrize("cls, kwargs, error, received", BAD_ARGS)
+def test_bad_constructor_arguments(cls, kwargs, error, received):
+    with pytest.raises(error) as info:
         cls(**{"filters": 4, "kernel_size": 3, **kwargs})
+    assert type(info.value) is error
     message = str(info.value)
     assert f"Received: {received}" in message
     assert "Expected" in message

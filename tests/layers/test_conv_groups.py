@@ -258,17 +258,23 @@ def test_rank_warning_counts_the_grouped_inputs():
 
 
 @pytest.mark.parametrize(
-    "make, received",
+    "make, error, received",
     [
-        (lambda: LoRAConv2D(4, 3, groups=3), "groups=3, filters=4"),
-        (lambda: LoRAConv3D(6, 2, groups=4), "groups=4, filters=6"),
-        (lambda: LoRAConv1D(4, 3, groups=-2), "groups=-2"),
-        (lambda: LoRAConv2D(4, 3, groups=2.0), "groups=2.0"),
+        (lambda: LoRAConv2D(4, 3, groups=3), ValueError, "groups=3, filters=4"),
+        (lambda: LoRAConv3D(6, 2, groups=4), ValueError, "groups=4, filters=6"),
+        (lambda: LoRAConv1D(4, 3, groups=-2), ValueError, "groups=-2"),
+        (lambda: LoRAConv1D(4, 3, groups=0), ValueError, "groups=0"),
+        # A wrong type is a TypeError, a bool too (an int to Python).
+        (lambda: LoRAConv2D(4, 3, groups=2.0), TypeError, "groups=2.0"),
+        (lambda: LoRAConv2D(4, 3, groups="2"), TypeError, "groups='2'"),
+        (lambda: LoRAConv1D(4, 3, groups=True), TypeError, "groups=True"),
+        (lambda: LoRAConv1D(4, 3, groups=None), TypeError, "groups=None"),
     ],
 )
-def test_groups_that_do_not_divide_filters_are_refused(make, received):
-    with pytest.raises(ValueError) as info:
+def test_bad_groups_are_refused(make, error, received):
+    with pytest.raises(error) as info:
         make()
+    assert type(info.value) is error
     assert f"Received: {received}" in str(info.value)
     assert "Expected `groups`" in str(info.value)
 

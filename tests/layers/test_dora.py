@@ -419,7 +419,7 @@ def test_training_moves_magnitude_and_factors_not_the_kernel():
 
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_use_dora_must_be_a_boolean(value):
-    with pytest.raises(ValueError, match=f"use_dora={value!r}"):
+    with pytest.raises(TypeError, match=f"use_dora={value!r}"):
         LoRADense(4, use_dora=value)
 
 

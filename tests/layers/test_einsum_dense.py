@@ -343,8 +343,8 @@ def test_dropout_only_on_lora_branch_in_training():
 
 BAD = [
     ({"rank": 0}, ValueError, "rank=0"),
-    ({"rank": True}, ValueError, "rank=True"),
-    ({"rank": 2.0}, ValueError, "rank=2.0"),
+    ({"rank": True}, TypeError, "rank=True"),
+    ({"rank": 2.0}, TypeError, "rank=2.0"),
     ({"alpha": 0}, ValueError, "alpha=0"),
     ({"alpha": float("nan")}, ValueError, "alpha=nan"),
     ({"equation": "abc,acd->abd"}, ValueError, "'a' is in the input and"),

@@ -416,23 +416,31 @@ def test_rank_larger_than_the_map_warns():
         LoRAEmbedding(10, 3, rank=4).build()
 
 
+# A wrong type is a TypeError (a bool where a number is expected too), a
+# wrong value of the right type a ValueError.
 BAD_ARGS = [
-    ({"rank": 0}, "rank=0"),
-    ({"rank": True}, "rank=True"),
-    ({"input_dim": 0}, "input_dim=0"),
-    ({"output_dim": 2.0}, "output_dim=2.0"),
-    ({"mask_zero": 1}, "mask_zero=1"),
-    ({"embeddings_constraint": "non_neg"}, "embeddings_constraint="),
-    ({"tie_weights": "no"}, "tie_weights='no'"),
-    ({"logit_soft_cap": 0.0}, "logit_soft_cap=0.0"),
-    ({"lora_init": "svd"}, "lora_init='svd'"),
+    ({"rank": 0}, ValueError, "rank=0"),
+    ({"rank": True}, TypeError, "rank=True"),
+    ({"input_dim": 0}, ValueError, "input_dim=0"),
+    ({"output_dim": 2.0}, TypeError, "output_dim=2.0"),
+    ({"mask_zero": 1}, TypeError, "mask_zero=1"),
+    (
+        {"embeddings_constraint": "non_neg"},
+        ValueError,
+        "embeddings_constraint=",
+    ),
+    ({"tie_weights": "no"}, TypeError, "tie_weights='no'"),
+    ({"logit_soft_cap": 0.0}, ValueError, "logit_soft_cap=0.0"),
+    ({"logit_soft_cap": "5"}, TypeError, "logit_soft_cap='5'"),
+    ({"lora_init": "svd"}, ValueError, "lora_init='svd'"),
 ]
 
 
-@pytest.mark.parametrize("kwargs, received", BAD_ARGS)
-def test_bad_constructor_arguments(kwargs, received):
-    with pytest.raises(ValueError) as info:
+@pytest.mark.parametrize("kwargs, error, received", BAD_ARGS)
+def test_bad_constructor_arguments(kwargs, error, received):
+    with pytest.raises(error) as info:
         LoRAReversibleEmbedding(**{"input_dim": 5, "output_dim": 4, **kwargs})
+    assert type(info.value) is error
     message = str(info.value)
     assert f"Received: {received}" in message
     assert "Expected" in message

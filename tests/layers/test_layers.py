@@ -1,11 +1,13 @@
+import json
 import warnings
+import zipfile
 
 import keras
 import numpy as np
 import pytest
 from keras.src.testing import TestCase
 
-from keras_lora import LoRADense, RankWarning
+from keras_lora import LoRADense, RankWarning, apply_lora
 from keras_lora.layers import LORA_KEYS
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -160,31 +162,74 @@ def test_dropout_is_inverted_so_the_training_mean_is_inference(p):
     np.testing.assert_allclose(draws.var(axis=0), sigma**2, rtol=0.05)
 
 
+# The inits that set both factors themselves, with the storage each needs.
+OWN_FACTOR_INITS = [
+    ("gaussian", {}),
+    ("pissa", {}),
+    ("olora", {}),
+    ("loftq", {"base_dtype": "int8"}),
+]
+
+
+@pytest.mark.parametrize("lora_init, storage", OWN_FACTOR_INITS)
 @pytest.mark.parametrize(
-    "lora_a_initializer",
-    ["he_uniform", "zeros", keras.initializers.RandomNormal(stddev=0.1)],
+    "argument, value",
+    [
+        ("lora_a_initializer", "he_uniform"),
+        ("lora_a_initializer", keras.initializers.RandomNormal(stddev=0.1)),
+        ("lora_b_initializer", "ones"),
+    ],
 )
-def test_gaussian_init_refuses_an_explicit_lora_a_initializer(
-    lora_a_initializer,
+def test_inits_that_set_the_factors_refuse_an_initializer(
+    lora_init, storage, argument, value
 ):
-    with pytest.raises(ValueError, match="lora_a_initializer") as info:
-        LoRADense(
-            4, lora_init="gaussian", lora_a_initializer=lora_a_initializer
-        )
-    assert "Received: lora_a_initializer=" in str(info.value)
+    kwargs = {"lora_init": lora_init, **storage, argument: value}
+
+    def refused(call, *args):
+        with pytest.raises(ValueError) as info:
+            call(*args, **kwargs)
+        assert type(info.value) is ValueError
+        message = str(info.value)
+        assert f"Expected `{argument}` to be left" in message
+        assert f"lora_init={lora_init!r}" in message
+        assert f"Received: {argument}={value!r}" in message
+
+    refused(LoRADense, 4)
+    base = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+    dense = base.layers[0]
+    before = [_np(w).copy() for w in base.weights]
+    refused(LoRADense.from_dense, dense)
+    for inplace in (False, True):
+        refused(lambda **kw: apply_lora(base, rank=2, inplace=inplace, **kw))
+        assert base.layers[0] is dense  # nothing swapped in
+        for w, old in zip(base.weights, before):
+            np.testing.assert_array_equal(_np(w), old)
+
+
+@pytest.mark.parametrize("lora_init, storage", OWN_FACTOR_INITS)
+def test_inits_that_set_the_factors_accept_the_default_initializers(
+    lora_init, storage
+):
     dense = keras.layers.Dense(4)
     dense.build((None, 3))
-    with pytest.raises(ValueError, match="lora_a_initializer"):
-        LoRADense.from_dense(
-            dense, lora_init="gaussian", lora_a_initializer=lora_a_initializer
+    # The defaults, spelled as a user or a saved config may spell them.
+    for b_init in ("zeros", keras.initializers.Zeros(), None):
+        kwargs = {"lora_init": lora_init, **storage}
+        layer = LoRADense(4, lora_b_initializer=b_init, **kwargs)
+        assert layer.lora_a_initializer is None
+        layer = LoRADense.from_dense(
+            dense, rank=2, lora_b_initializer=b_init, **kwargs
         )
-    # Either alone is fine, and so is the initializer with the other inits.
-    LoRADense(4, lora_init="gaussian")
-    for lora_init in ("default", "pissa"):
-        layer = LoRADense(
-            4, lora_init=lora_init, lora_a_initializer=lora_a_initializer
-        )
-        assert layer.lora_a_initializer is not None
+        assert layer.lora_init == lora_init
+    # With lora_init="default" the initializers apply.
+    layer = LoRADense(
+        4,
+        lora_a_initializer=keras.initializers.Constant(0.5),
+        lora_b_initializer="ones",
+    )
+    layer.build((None, 3))
+    np.testing.assert_array_equal(_np(layer.lora_a), np.full((3, 8), 0.5))
+    np.testing.assert_array_equal(_np(layer.lora_b), np.ones((8, 4)))
 
 
 @pytest.mark.parametrize(
@@ -224,36 +269,42 @@ def test_merged_kernel_unbuilt_raises():
         LoRADense(3).merged_kernel()
 
 
+# A wrong type is a TypeError (a bool where a number is expected too), a
+# wrong value of the right type a ValueError.
 BAD_ARGS = [
-    ({"units": 0}, "units=0"),
-    ({"units": -3}, "units=-3"),
-    ({"units": 2.5}, "units=2.5"),
-    ({"units": True}, "units=True"),
-    ({"units": "8"}, "units='8'"),
-    ({"units": 4, "rank": 0}, "rank=0"),
-    ({"units": 4, "rank": -1}, "rank=-1"),
-    ({"units": 4, "rank": 2.0}, "rank=2.0"),
-    ({"units": 4, "rank": True}, "rank=True"),
-    ({"units": 4, "rank": None}, "rank=None"),
-    ({"units": 4, "alpha": 0}, "alpha=0"),
-    ({"units": 4, "alpha": -1.0}, "alpha=-1.0"),
-    ({"units": 4, "alpha": float("nan")}, "alpha=nan"),
-    ({"units": 4, "alpha": float("inf")}, "alpha=inf"),
-    ({"units": 4, "alpha": False}, "alpha=False"),
-    ({"units": 4, "dropout": 1.0}, "dropout=1.0"),
-    ({"units": 4, "dropout": -0.1}, "dropout=-0.1"),
-    ({"units": 4, "dropout": "0.1"}, "dropout='0.1'"),
-    ({"units": 4, "use_bias": 1}, "use_bias=1"),
-    ({"units": 4, "train_bias": None}, "train_bias=None"),
-    ({"units": 4, "use_rslora": "yes"}, "use_rslora='yes'"),
-    ({"units": 4, "lora_init": "svd"}, "lora_init='svd'"),
+    ({"units": 0}, ValueError, "units=0"),
+    ({"units": -3}, ValueError, "units=-3"),
+    ({"units": 2.5}, TypeError, "units=2.5"),
+    ({"units": True}, TypeError, "units=True"),
+    ({"units": "8"}, TypeError, "units='8'"),
+    ({"units": 4, "rank": 0}, ValueError, "rank=0"),
+    ({"units": 4, "rank": -1}, ValueError, "rank=-1"),
+    ({"units": 4, "rank": 2.0}, TypeError, "rank=2.0"),
+    ({"units": 4, "rank": True}, TypeError, "rank=True"),
+    ({"units": 4, "rank": None}, TypeError, "rank=None"),
+    ({"units": 4, "alpha": 0}, ValueError, "alpha=0"),
+    ({"units": 4, "alpha": -1.0}, ValueError, "alpha=-1.0"),
+    ({"units": 4, "alpha": float("nan")}, ValueError, "alpha=nan"),
+    ({"units": 4, "alpha": float("inf")}, ValueError, "alpha=inf"),
+    ({"units": 4, "alpha": False}, TypeError, "alpha=False"),
+    ({"units": 4, "alpha": "2"}, TypeError, "alpha='2'"),
+    ({"units": 4, "dropout": 1.0}, ValueError, "dropout=1.0"),
+    ({"units": 4, "dropout": -0.1}, ValueError, "dropout=-0.1"),
+    ({"units": 4, "dropout": "0.1"}, TypeError, "dropout='0.1'"),
+    ({"units": 4, "dropout": True}, TypeError, "dropout=True"),
+    ({"units": 4, "use_bias": 1}, TypeError, "use_bias=1"),
+    ({"units": 4, "train_bias": None}, TypeError, "train_bias=None"),
+    ({"units": 4, "use_rslora": "yes"}, TypeError, "use_rslora='yes'"),
+    ({"units": 4, "use_dora": 1}, TypeError, "use_dora=1"),
+    ({"units": 4, "lora_init": "svd"}, ValueError, "lora_init='svd'"),
 ]
 
 
-@pytest.mark.parametrize("kwargs, received", BAD_ARGS)
-def test_bad_constructor_arguments(kwargs, received):
-    with pytest.raises(ValueError) as info:
+@pytest.mark.parametrize("kwargs, error, received", BAD_ARGS)
+def test_bad_constructor_arguments(kwargs, error, received):
+    with pytest.raises(error) as info:
         LoRADense(**kwargs)
+    assert type(info.value) is error
     message = str(info.value)
     assert f"Received: {received}" in message
     assert "Expected" in message
@@ -287,8 +338,10 @@ def test_integer_inputs_work_as_dense_does():
 
 def _every_argument():
     # Every argument away from its default, except use_bias (True is the
-    # default, and the bias arguments need a bias; False is checked below)
-    # and pissa_fingerprint (set by `pissa_split`, see test_lowrank).
+    # default, and the bias arguments need a bias; False is checked below),
+    # pissa_fingerprint (set by `pissa_split`, see test_lowrank) and
+    # lora_init (the other inits refuse the initializers; a config with
+    # lora_init="pissa" is checked below).
     # Dyadic values, which float32 holds exactly: Keras keeps some factors
     # as float32.
     return {
@@ -311,7 +364,6 @@ def _every_argument():
         "activity_regularizer": keras.regularizers.L1L2(l1=0.5, l2=0.75),
         "train_bias": False,
         "use_rslora": True,
-        "lora_init": "pissa",
         "name": "every",
         "dtype": "float64",
     }
@@ -325,7 +377,7 @@ PLAIN_VALUES = {
     "use_bias": True,
     "train_bias": False,
     "use_rslora": True,
-    "lora_init": "pissa",
+    "lora_init": "default",
     "pissa_fingerprint": None,
     "name": "every",
 }
@@ -407,6 +459,69 @@ def test_keras_file_keeps_every_argument(tmp_path):
     assert float(sum(new.losses)) == pytest.approx(
         expected + activity, rel=1e-6
     )
+
+
+def _rewrite_config(path, change):
+    """Rewrites the layers' configs in the .keras file at `path` (a zip
+    with config.json), as an older version could have written them."""
+    with zipfile.ZipFile(path) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    config = json.loads(files["config.json"])
+    for layer in config["config"]["layers"]:
+        if layer["class_name"] == "LoRADense":
+            change(layer["config"])
+    files["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+
+
+def test_older_pissa_configs_with_initializers_still_load(tmp_path):
+    # Older versions accepted an initializer with lora_init="pissa" and
+    # saved it, though the split set the factors; the refusal must not
+    # stop those files loading (with or without the initializer).
+    dense = keras.layers.Dense(4, name="d")
+    base = keras.Sequential([keras.Input((3,)), dense])
+    layer = LoRADense.from_dense(dense, rank=2, lora_init="pissa")
+    model = keras.Sequential([keras.Input((3,)), layer])
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+    for initializers in (
+        {},  # lora_a_initializer=None, as every pissa config has it
+        {
+            "lora_a_initializer": keras.initializers.serialize(
+                keras.initializers.Constant(0.5)
+            ),
+            "lora_b_initializer": "ones",
+        },
+    ):
+        path = str(tmp_path / f"old{len(initializers)}.keras")
+        model.save(path)
+        _rewrite_config(path, lambda config: config.update(initializers))
+        new = keras.models.load_model(path).layers[0]
+        assert new.lora_init == "pissa"
+        assert new.lora_a_initializer is None
+        assert isinstance(new.lora_b_initializer, keras.initializers.Zeros)
+        for w, old in zip(new.weights, layer.weights):
+            np.testing.assert_array_equal(_np(w), _np(old))
+        np.testing.assert_allclose(
+            _np(new(x)), _np(base(x)), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_pissa_split_leaves_a_config_that_reloads(tmp_path):
+    # `pissa_split` on a default layer makes it lora_init="pissa": its
+    # initializers no longer apply, and its config says so.
+    layer = LoRADense(4, rank=2, lora_a_initializer="ones", name="p")
+    model = keras.Sequential([keras.Input((3,)), layer])
+    layer.pissa_split()
+    config = layer.get_config()
+    assert config["lora_init"] == "pissa"
+    assert config["lora_a_initializer"] is None
+    assert config["lora_b_initializer"]["class_name"] == "Zeros"
+    model.save(tmp_path / "split.keras")
+    new = keras.models.load_model(tmp_path / "split.keras").layers[0]
+    for w, old in zip(new.weights, layer.weights):
+        np.testing.assert_array_equal(_np(w), _np(old))
 
 
 def test_use_bias_false_round_trips(tmp_path):

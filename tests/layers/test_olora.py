@@ -300,6 +300,41 @@ def test_one_split_per_layer(init, method, match):
     assert layer.lora_init == init
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_non_finite_weight_is_not_split(init, bad):
+    # Both splits (one `_split`): a NaN or inf would make NaN factors.
+    method = f"{init}_split"
+    dense = _dense(6, 8)
+    kernel = _np(dense.kernel)
+    kernel[2, 3] = kernel[7, 0] = bad
+    dense.kernel.assign(kernel)
+    model = keras.Sequential([keras.Input((8,)), dense])
+    before = _values(dense)
+    message = (
+        rf"LoRADense 'd' cannot take `{method}\(\)`: expected a finite "
+        r"weight.*Received: 2 NaN or inf value\(s\) in its \(8, 6\) matrix"
+    )
+    with pytest.raises(ValueError, match=message):
+        LoRADense.from_dense(dense, rank=2, lora_init=init)
+    for inplace in (False, True):
+        with pytest.raises(ValueError, match=message):
+            apply_lora(model, rank=2, lora_init=init, inplace=inplace)
+        assert model.layers[0] is dense
+        _same(before, dense)
+    # A split layer whose update has turned non-finite (a diverged run):
+    # a second split is refused before anything changes.
+    layer = LoRADense.from_dense(_dense(6, 8), rank=2, lora_init=init)
+    lora_a = _np(layer.lora_a)
+    lora_a[1, 0] = bad  # row 1 of the merged (8, 6) matrix: 6 entries
+    layer.lora_a.assign(lora_a)
+    before, fingerprint = _values(layer), layer.pissa_fingerprint
+    with pytest.raises(ValueError, match=r"Received: 6 NaN or inf"):
+        getattr(layer, method)()
+    _same(before, layer)
+    assert layer.pissa_fingerprint == fingerprint
+
+
 def test_olora_split_of_a_trained_layer_keeps_its_output():
     layer = LoRADense.from_dense(_dense(6, 8), rank=2, lora_init="olora")
     rng = np.random.default_rng(0)

@@ -112,20 +112,38 @@ def test_a_model_compiled_before_an_inplace_change_must_compile_again():
         assert np.abs(np.array(layer.lora_b)).max() > 0
 
 
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        ({"inplace": "yes"}, ValueError, "inplace='yes'"),
-        ({"inplace": 1}, ValueError, "inplace=1"),
-    ],
-)
-def test_inplace_flag_is_checked(kwargs, error, match):
+# `inplace` takes a bool: anything else (1 included) is a TypeError.
+BAD_INPLACE = ["yes", 1, None]
+
+
+@pytest.mark.parametrize("value", BAD_INPLACE)
+def test_inplace_flag_is_checked(value):
     model = subclassed()
     before = _weights(model)
-    with pytest.raises(error, match=match):
-        apply_lora(model, rank=2, **kwargs)
+    with pytest.raises(TypeError, match=f"Received: inplace={value!r}"):
+        apply_lora(model, rank=2, inplace=value)
     assert not _tree.find(model, LoRALayer)
     for mine, theirs in zip(_weights(model), before):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+@pytest.mark.parametrize("value", BAD_INPLACE)
+def test_inplace_flag_of_merge_and_apply_adapters_is_checked(tmp_path, value):
+    # (`unload`'s: tests/model/test_unload.py.) apply_adapters checks it
+    # before reading the file, so it is not reported as a file mismatch.
+    base = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    lora = apply_lora(base, rank=2)
+    save_adapters(lora, tmp_path / "a.lora.h5")
+    before, base_before = _weights(lora), _weights(base)
+    expected = r"Expected `inplace` to be True or False\. Received: inplace="
+    with pytest.raises(TypeError, match=expected):
+        merge_lora(lora, inplace=value)
+    with pytest.raises(TypeError, match=expected):
+        apply_adapters(base, tmp_path / "a.lora.h5", inplace=value)
+    assert _tree.find(lora, LoRALayer) and not _tree.find(base, LoRALayer)
+    for mine, theirs in zip(
+        _weights(lora) + _weights(base), before + base_before
+    ):
         np.testing.assert_array_equal(mine, theirs)
 
 

@@ -342,13 +342,13 @@ def test_a_base_changing_init_is_refused_by_name(how, kwargs, match):
         (
             lambda: apply_lora(_dense_model(), rank=2),
             {"inplace": "yes"},
-            ValueError,
+            TypeError,
             "inplace='yes'",
         ),
         (
             lambda: apply_lora(_dense_model(), rank=2),
             {"inplace": 1},
-            ValueError,
+            TypeError,
             "inplace=1",
         ),
     ],

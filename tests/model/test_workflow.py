@@ -173,9 +173,13 @@ def test_per_layer_rank_and_alpha():
         ({"targets": 3}, TypeError, "targets=3"),
         ({"rank": 0}, ValueError, "rank=0"),
         ({"rank": {"ghost": 2}}, ValueError, "['ghost']"),
-        ({"rank": {"d1": True}}, ValueError, "rank['d1']=True"),
+        ({"rank": {"d1": True}}, TypeError, "rank['d1']=True"),
+        ({"rank": "2"}, TypeError, "rank='2'"),
         ({"alpha": -1}, ValueError, "alpha=-1"),
+        ({"alpha": {"d1": "4"}}, TypeError, "alpha['d1']='4'"),
         ({"dropout": 1.5}, ValueError, "dropout=1.5"),
+        ({"dropout": "0.1"}, TypeError, "dropout='0.1'"),
+        ({"train_bias": 1}, TypeError, "train_bias=1"),
     ],
 )
 def test_apply_lora_bad_arguments(kwargs, error, needle):

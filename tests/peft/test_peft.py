@@ -361,6 +361,10 @@ BAD_CONFIGS = [
     ({"bias": "all"}, "bias='all'"),
     ({"use_dora": True}, "use_dora"),
     ({"r": 0}, "r=0"),
+    # A wrong type in the file is a bad file too: ValueError.
+    ({"r": "4"}, "r='4' in adapter_config.json"),
+    ({"lora_alpha": True}, "lora_alpha=True in adapter_config.json"),
+    ({"rank_pattern": {"v_proj": "2"}}, r"rank_pattern\['v_proj'\]='2'"),
     ({"alora_invocation_tokens": [3, 5]}, "alora_invocation_tokens"),
     ({"init_lora_weights": "pissa_niter_4"}, "pissa_niter_4"),
     (

@@ -315,6 +315,28 @@ def test_bad_iterations_are_refused(value, error):
     assert list(model.layers) == layers
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_a_non_finite_weight_is_refused_before_anything_changes(mode, bad):
+    model = _model()
+    layer = model.layers[0]
+    kernel = _np(layer.kernel)
+    kernel[4, 1] = kernel[9, 2] = kernel[0, 0] = bad
+    layer.kernel.assign(kernel)
+    before = [_np(v).copy() for v in model.weights]
+    message = f"the frozen weight of '{layer.name}' with 3 NaN or inf value"
+    with pytest.raises(ValueError, match=message):
+        LoRADense.from_base(layer, rank=2, lora_init="loftq", base_dtype=mode)
+    for inplace in (False, True):
+        with pytest.raises(ValueError, match=message):
+            apply_lora(
+                model, lora_init="loftq", base_dtype=mode, inplace=inplace
+            )
+        assert model.layers[0] is layer
+        for v, b in zip(model.weights, before):
+            np.testing.assert_array_equal(_np(v), b)
+
+
 @pytest.mark.parametrize("lora_init", ["default", "gaussian", "pissa"])
 def test_iterations_without_loftq_are_refused(lora_init):
     with pytest.raises(ValueError, match="loftq_iterations=2") as info:
