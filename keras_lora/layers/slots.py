@@ -96,13 +96,16 @@ def _numpy(value):
 
 
 def _weight(layer, name, value):
-    """A new non-trainable variable of `layer` holding `value`."""
+    """A new non-trainable variable of `layer` holding `value`. Its name
+    spells an adapter's `.` as `_`: the torch backend registers each
+    variable as a torch parameter, whose names cannot hold a `.` (the
+    adapter keeps its own name; the variable's is only a label)."""
     tracker = layer._tracker
     locked = tracker.locked
     tracker.unlock()
     try:
         variable = layer.add_weight(
-            name=name,
+            name=name.replace(".", "_"),
             shape=tuple(value.shape),
             initializer="zeros",
             dtype=layer.lora_a.dtype,

@@ -140,6 +140,27 @@ def test_add_adapter_keeps_default_output_and_starts_at_base():
     np.testing.assert_array_equal(_predict(model), _predict(base))
 
 
+def test_a_dotted_name_adds_trains_saves_and_loads(two, tmp_path):
+    # Names may hold `.` and `-`; torch parameters' names may not hold `.`
+    # (a KeyError there before the variables spelled it `_`).
+    base, model, _, b = two
+    add_adapter(model, "task.v1-b", rank=2)
+    set_adapter(model, "task.v1-b")
+    np.testing.assert_array_equal(_predict(model), _predict(base))
+    model.compile(keras.optimizers.Adam(0.05), "mse")
+    model.fit(X, np.ones((6, 4)), epochs=2, verbose=0)
+    trained = _predict(model)
+    assert np.abs(trained - _predict(base)).max() > 1e-3
+    save_adapters(model, tmp_path / "dotted.lora.h5")
+    set_adapter(model, "b")
+    np.testing.assert_allclose(_predict(model), _predict(b), rtol=1e-5)
+    other = apply_lora(base, rank=2)
+    load_adapters(other, tmp_path / "dotted.lora.h5", name="v.2")
+    set_adapter(other, "v.2")
+    np.testing.assert_allclose(_predict(other), trained, rtol=1e-5)
+    assert list_adapters(other) == ["default", "v.2"]
+
+
 def test_active_adapter_equals_its_own_model(two):
     _, model, a, b = two
     set_adapter(model, "b")
