@@ -78,7 +78,9 @@ class BuiltinComparison:
 def _numerical_rank(matrix):
     # float32 values: the tolerance must be float32's (matrix_rank scales
     # the dtype's eps), or rounding noise counts as rank.
-    return int(np.linalg.matrix_rank(np.asarray(matrix, "float32")))
+    # convert_to_numpy: a torch tensor that requires grad has no __array__.
+    matrix = keras.ops.convert_to_numpy(matrix).astype("float32")
+    return int(np.linalg.matrix_rank(matrix))
 
 
 def compare_with_keras_lora(model, rank=8, targets="attention_qv", seed=0):
