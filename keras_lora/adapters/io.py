@@ -91,11 +91,13 @@ def load_adapters(model, path, name=None, allow_base_mismatch=False):
     The file records the base's storage (`base_dtype`) and fingerprints the
     stored base (for int8 and NF4: codes and scales), so adapters trained
     on an NF4 base are refused on a float32 base and the reverse;
-    `allow_base_mismatch=True` skips those two checks (the factors then
-    meet a base they were not trained on).
+    `allow_base_mismatch=True` skips those two checks, with `name` too
+    (the factors then meet a base they were not trained on); it must be a
+    bool (`TypeError` otherwise).
     """
+    _checks.boolean("allow_base_mismatch", allow_base_mismatch)
     if name is not None or _named_files.is_named(model):
-        return _named_files.load(model, path, name)
+        return _named_files.load(model, path, name, allow_base_mismatch)
     layers = _tree.lora_layers(model)
     saved = _current_paths(model, read_adapters(path))
     _assign(layers, saved, path, allow_base_mismatch)

@@ -72,7 +72,7 @@ def entries(model, name):
     return out
 
 
-def _problems(layers, saved):
+def _problems(layers, saved, allow_base_mismatch=False):
 
     problems = []
     for path in sorted(set(saved) - set(layers)):
@@ -83,7 +83,9 @@ def _problems(layers, saved):
         record, arrays = saved[path]
         layer = layers[path]
         expected = _record(path, layer)
-        for key in ("kind", "base_shape", "base_fingerprint"):
+        keys = ("kind", "base_shape")
+        keys += () if allow_base_mismatch else ("base_fingerprint",)
+        for key in keys:
             if record.get(key) != expected[key]:
                 problems.append(
                     f"'{path}': {key} is {record.get(key)!r} in the file, "
@@ -128,9 +130,11 @@ def _problems(layers, saved):
     return problems
 
 
-def load(model, path, name):
+def load(model, path, name, allow_base_mismatch=False):
     """Loads an adapter file into a new named adapter `name` of `model`
-    (not active); nothing changes if the file does not fit."""
+    (not active); nothing changes if the file does not fit.
+    `allow_base_mismatch` skips the base-weight fingerprint check, as
+    `load_adapters` does for a plain model."""
 
     if name is None:
         raise ValueError(
@@ -142,7 +146,7 @@ def load(model, path, name):
     layers = _tree.lora_layers(model)
     named_adapters.refuse_unsupported(layers)
     saved = read_adapters(path)
-    problems = _problems(layers, saved)
+    problems = _problems(layers, saved, allow_base_mismatch)
     if problems:
         raise AdapterMismatchError(os.fspath(path), problems)
     named_adapters.ensure_named(model)

@@ -658,3 +658,29 @@ def test_a_trained_sum_comes_back_as_trained(two):
     set_adapter(model, "b")
     set_adapter(model, ["default", "b"])
     np.testing.assert_allclose(_predict(model), trained, rtol=1e-5, atol=1e-6)
+
+
+def test_allow_base_mismatch_applies_to_a_named_load(two, tmp_path):
+    # With `name=` the flag was ignored: the base check refused the file
+    # anyway. It is a bool, checked before anything is read.
+    base, model, _, _ = two
+    trained = _trained(_base(seed=7), 3, rank=2)  # on another base
+    path = tmp_path / "other.lora.h5"
+    save_adapters(trained, path)
+    before = _values(model)
+    with pytest.raises(AdapterMismatchError, match="base_fingerprint"):
+        load_adapters(model, path, name="o")
+    for bad in ("yes", 1, None):
+        with pytest.raises(
+            TypeError, match=f"Received: allow_base_mismatch={bad!r}"
+        ):
+            load_adapters(model, path, name="o", allow_base_mismatch=bad)
+    _assert_same_values(before, _values(model))
+    assert list_adapters(model) == ["default", "b"]
+    load_adapters(model, path, name="o", allow_base_mismatch=True)
+    set_adapter(model, "o")
+    # This model's base with the file's factors and biases, in numpy.
+    layers = _tree.lora_layers(trained).values()
+    biases = {x.name: _np(x.bias, "float64") for x in layers}
+    want = _numpy_forward(base, _update(trained), biases)
+    np.testing.assert_allclose(_predict(model), want, rtol=1e-5, atol=1e-6)
