@@ -30,6 +30,7 @@ from keras_lora.adapters.files import AdapterMismatchError
 from keras_lora.layers import LoRALayer
 from keras_lora.layers import slots as _adapter_slots
 from keras_lora.model import tree as _tree
+from keras_lora.model.copy import CopyError
 from keras_lora.peft import load as _peft_import
 from keras_lora.peft import names as _peft_maps
 
@@ -154,16 +155,25 @@ def load_peft_adapters(model, folder):
     if problems:
         raise AdapterMismatchError(folder, problems)
     if not lora:
-        model = apply_lora(
-            model,
-            rank={p: v[0] for p, v in plan.items()},
-            alpha={p: v[1] for p, v in plan.items()},
-            targets=list(plan),
-            dropout=float(config.get("lora_dropout") or 0.0),
-            train_bias=False,
-            use_rslora=bool(config.get("use_rslora", False)),
-            **({"use_dora": True} if config.get("use_dora") else {}),
-        )
+        try:
+            model = apply_lora(
+                model,
+                rank={p: v[0] for p, v in plan.items()},
+                alpha={p: v[1] for p, v in plan.items()},
+                targets=list(plan),
+                dropout=float(config.get("lora_dropout") or 0.0),
+                train_bias=False,
+                use_rslora=bool(config.get("use_rslora", False)),
+                **({"use_dora": True} if config.get("use_dora") else {}),
+            )
+        except CopyError as error:  # its advice names an `inplace` we lack
+            raise ValueError(
+                "`load_peft_adapters` applies LoRA to a copy of a model "
+                f"without LoRA layers, and this one cannot be copied: "
+                f"{error.why}. Apply LoRA to it in place first, with the "
+                "adapter's r, lora_alpha and modules: `apply_lora(model, "
+                "..., inplace=True)`, then load the adapter into that model."
+            ) from error
         lora = _tree.find(model, LoRALayer)
     for path, entry in plan.items():
         layer = lora[path]

@@ -315,3 +315,40 @@ def test_in_place_lookup_only_refused(tied, tmp_path):
         )
     assert load_peft_adapters(lora, good) is lora
     np.testing.assert_allclose(_keras_logits(lora), expected, atol=1e-4)
+
+
+def test_a_tied_llama_that_cannot_be_copied_is_told_to_go_in_place(
+    bases, tmp_path
+):
+    # keras-hub's LlamaBackbone config drops tie_word_embeddings, so the
+    # copy `load_peft_adapters` makes of a model without LoRA layers is
+    # refused; the error gave copy_model's advice, `inplace=True`, which
+    # `load_peft_adapters` does not take. It names the way that works.
+    folder = _folder(bases, "llama", True)
+    made = _peft_adapter(_hf("llama", folder), tmp_path, ensure_weight_tying=True)
+    expected = _peft_logits(made)
+    backbone = _backbone("llama", folder)
+    base = _keras_logits(backbone)
+    with pytest.raises(ValueError) as info:
+        load_peft_adapters(backbone, tmp_path)
+    message = str(info.value)
+    assert "Pass `inplace=True`" not in message
+    assert "load_peft_adapters" in message and "cannot be copied" in message
+    assert "apply_lora(model, ..., inplace=True)" in message
+    assert not _tree.find(backbone, LoRALayer)
+    np.testing.assert_array_equal(_keras_logits(backbone), base)
+    # The way it names: LoRA in place with the adapter's settings, then
+    # the adapter loaded into that model computes PEFT's logits.
+    table = ARCHS["llama"][3]
+    qv = [table.keras_path(i, m) for i in (0, 1) for m in ("q_proj", "v_proj")]
+    lora = apply_lora(
+        backbone,
+        rank=4,
+        alpha=8,
+        targets=["token_embedding", *qv],
+        train_bias=False,
+        inplace=True,
+    )
+    assert load_peft_adapters(lora, tmp_path) is lora
+    assert np.abs(expected - base).max() > 0.1
+    np.testing.assert_allclose(_keras_logits(lora), expected, atol=1e-4)
