@@ -325,7 +325,9 @@ def test_a_tied_llama_that_cannot_be_copied_is_told_to_go_in_place(
     # refused; the error gave copy_model's advice, `inplace=True`, which
     # `load_peft_adapters` does not take. It names the way that works.
     folder = _folder(bases, "llama", True)
-    made = _peft_adapter(_hf("llama", folder), tmp_path, ensure_weight_tying=True)
+    made = _peft_adapter(
+        _hf("llama", folder), tmp_path, ensure_weight_tying=True
+    )
     expected = _peft_logits(made)
     backbone = _backbone("llama", folder)
     base = _keras_logits(backbone)
