@@ -20,6 +20,7 @@ from keras_lora.adapters.files import (
 )
 from keras_lora.model import positions
 from keras_lora.model import tree as _tree
+from keras_lora.model.copy import CopyError
 from keras_lora.utils import checks as _checks
 from keras_lora.workflow import adapt
 
@@ -173,7 +174,7 @@ def apply_adapters(model, path, inplace=False):
             inplace=inplace,
             **_storage_of(records),
         )
-    except AdapterMismatchError:
+    except (AdapterMismatchError, CopyError):  # the copy's: not the file
         raise
     except (TypeError, ValueError) as error:  # the file's settings
         raise AdapterMismatchError(os.fspath(path), [str(error)]) from error

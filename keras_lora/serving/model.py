@@ -38,6 +38,7 @@ from keras_lora.adapters.files import read_adapters
 from keras_lora.adapters.io import apply_adapters
 from keras_lora.layers import LoRALayer
 from keras_lora.model import tree as _tree
+from keras_lora.model.copy import CopyError
 from keras_lora.serving.dora import dora_factor
 from keras_lora.serving.kinds import SERVING_LAYERS
 from keras_lora.serving.router import (
@@ -215,10 +216,18 @@ def build_multi_adapter_model(base, paths, strategy="concat"):
             f"model='{base.name}' with one."
         )
     _refuse_base_layers(base, set().union(*map(read_adapters, paths)))
-    per_file = [_factors(base, path) for path in paths]  # all checked first
     from keras_lora.workflow import copy_model
 
-    inner = copy_model(base)
+    try:  # all checked first
+        per_file = [_factors(base, path) for path in paths]
+        inner = copy_model(base)
+    except CopyError as error:  # its advice, `inplace`, is not ours
+        raise ValueError(
+            "`build_multi_adapter_model` serves a copy of `base`, which "
+            f"cannot be copied: {error.why}. Register its custom layers "
+            "(`keras.saving.register_keras_serializable`) so that Keras can "
+            "rebuild it from its config."
+        ) from error
     layers = dict(_tree.walk(inner))
     replacements = {}
     for layer_path in sorted(set().union(*per_file)):

@@ -16,6 +16,7 @@ from keras_lora import (
     LoRALayer,
     apply_adapters,
     apply_lora,
+    build_multi_adapter_model,
     load_adapters,
     merge_lora,
     save_adapters,
@@ -330,3 +331,45 @@ def test_files_with_the_old_backbone_prefix_still_load(tmp_path):
     target = apply_lora(base, rank=2, targets="attention_qv")
     load_adapters(target, path)
     np.testing.assert_array_equal(_logits(target), _logits(lora))
+
+
+def test_apply_adapters_on_a_model_it_cannot_copy_is_no_file_mismatch(
+    tmp_path,
+):
+    # The copy's refusal, with its advice (`inplace=True`), and not an
+    # `AdapterMismatchError` blaming a file that fits.
+    base = functional_with_block()  # Keras cannot find `Block`
+    weights = base.get_weights()
+    trained = apply_lora(base, rank=2, targets=["head"], inplace=True)
+    trained.get_layer("head").lora_b.assign(np.ones((2, 3), "float32"))
+    save_adapters(trained, tmp_path / "a.lora.h5")
+    other = functional_with_block()
+    other.set_weights(weights)
+    with pytest.raises(ValueError, match="Pass `inplace=True`") as info:
+        apply_adapters(other, tmp_path / "a.lora.h5")
+    assert "Cannot copy model" in str(info.value)
+    assert type(info.value).__name__ == "CopyError"
+    assert not _tree.find(other, LoRALayer)
+    for mine, theirs in zip(_weights(other), weights):
+        np.testing.assert_array_equal(mine, theirs)
+    lora = apply_adapters(other, tmp_path / "a.lora.h5", inplace=True)
+    np.testing.assert_allclose(lora(X), trained(X), rtol=1e-6, atol=1e-6)
+
+
+def test_serving_a_base_it_cannot_copy_says_why_without_inplace(tmp_path):
+    # `build_multi_adapter_model` takes no `inplace`: the copy's advice
+    # was wrong there.
+    base = functional_with_block()
+    weights = base.get_weights()
+    lora = apply_lora(base, rank=2, targets=["head"], inplace=True)
+    save_adapters(lora, tmp_path / "a.lora.h5")
+    other = functional_with_block()
+    other.set_weights(weights)
+    with pytest.raises(ValueError) as info:
+        build_multi_adapter_model(other, [tmp_path / "a.lora.h5"])
+    message = str(info.value)
+    assert "inplace" not in message and "cannot be copied" in message
+    assert "register_keras_serializable" in message
+    assert not _tree.find(other, LoRALayer)
+    for mine, theirs in zip(_weights(other), weights):
+        np.testing.assert_array_equal(mine, theirs)
