@@ -97,15 +97,16 @@ def _numpy(value):
 
 def _weight(layer, name, value):
     """A new non-trainable variable of `layer` holding `value`. Its name
-    spells an adapter's `.` as `_`: the torch backend registers each
-    variable as a torch parameter, whose names cannot hold a `.` (the
-    adapter keeps its own name; the variable's is only a label)."""
+    spells an adapter's `.` as `>`: the torch backend registers each
+    variable as a torch parameter by its path, which cannot hold a `.`,
+    and `>` (legal in TensorFlow's names, never in an adapter's) keeps
+    `a.b` and `a_b` apart (the adapter keeps its own name)."""
     tracker = layer._tracker
     locked = tracker.locked
     tracker.unlock()
     try:
         variable = layer.add_weight(
-            name=name.replace(".", "_"),
+            name=name.replace(".", ">"),
             shape=tuple(value.shape),
             initializer="zeros",
             dtype=layer.lora_a.dtype,

@@ -159,6 +159,14 @@ def test_a_dotted_name_adds_trains_saves_and_loads(two, tmp_path):
     set_adapter(other, "v.2")
     np.testing.assert_allclose(_predict(other), trained, rtol=1e-5)
     assert list_adapters(other) == ["default", "v.2"]
+    # `a.b` and `a_b` are two adapters, with variables of distinct paths
+    # (torch keys its parameters by path: one would hide the other).
+    add_adapter(other, "v_2", rank=2)
+    layer = _tree.lora_layers(other)["layer_1"]
+    paths = [w.path for w in layer.weights]
+    assert len(set(paths)) == len(paths)
+    if keras.backend.backend() == "torch":
+        assert len(layer.torch_params) == len(paths)
 
 
 def test_active_adapter_equals_its_own_model(two):
