@@ -1,3 +1,4 @@
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -24,3 +25,16 @@ def exact_step():
     if keras.backend.backend() == "tensorflow":
         return {"jit_compile": True}
     return {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _freeze_what_earlier_modules_left():
+    """Moves every object alive when a test module starts (TensorFlow,
+    JAX, torch and transformers once imported: over a million) out of the
+    garbage collector's sight. Without it, each full collection walked
+    them all again and collections took 39% of a run of the layer,
+    adapter, model, PEFT and quant tests (140 of 360 s), more as the
+    worker aged. Garbage made inside a module is collected as before."""
+    gc.collect()
+    gc.freeze()
+    yield
