@@ -70,6 +70,21 @@ def _randomize(model, seed=0):
                 weight.assign(value * (1 + 0.2 * rng.normal(size=value.shape)))
 
 
+def _embedding_and_qv(backbone, arch, **kwargs):
+    """LoRA (rank 4, alpha 8) on the token embedding and every block's
+    q/v projections, as `_peft_adapter`'s defaults target them."""
+    table = ARCHS[arch][3]
+    qv = [table.keras_path(i, m) for i in (0, 1) for m in ("q_proj", "v_proj")]
+    return apply_lora(
+        backbone,
+        rank=4,
+        alpha=8,
+        targets=["token_embedding", *qv],
+        train_bias=False,
+        **kwargs,
+    )
+
+
 def _peft_adapter(hf, folder, **config):
     """A PEFT-made adapter on the embedding and q/v, random factors."""
     config = {"r": 4, "lora_alpha": 8, **config}
@@ -293,16 +308,8 @@ def test_in_place_lookup_only_refused(tied, tmp_path):
     """Into a LoRA model with a tied token_embedding: refused by name,
     its factors unchanged; the good adapter then loads in place."""
     _, backbone, good, expected = tied
-    table = ARCHS["gemma"][3]
-    qv = [table.keras_path(i, m) for i in (0, 1) for m in ("q_proj", "v_proj")]
     bad = _edited(good, tmp_path / "bad", {"ensure_weight_tying": False}, dict)
-    lora = apply_lora(
-        backbone,
-        rank=4,
-        alpha=8,
-        targets=["token_embedding", *qv],
-        train_bias=False,
-    )
+    lora = _embedding_and_qv(backbone, "gemma")
     _randomize(lora)
     start = {
         w.path: keras.ops.convert_to_numpy(w) for w in lora.trainable_weights
@@ -341,16 +348,7 @@ def test_a_tied_llama_that_cannot_be_copied_is_told_to_go_in_place(
     np.testing.assert_array_equal(_keras_logits(backbone), base)
     # The way it names: LoRA in place with the adapter's settings, then
     # the adapter loaded into that model computes PEFT's logits.
-    table = ARCHS["llama"][3]
-    qv = [table.keras_path(i, m) for i in (0, 1) for m in ("q_proj", "v_proj")]
-    lora = apply_lora(
-        backbone,
-        rank=4,
-        alpha=8,
-        targets=["token_embedding", *qv],
-        train_bias=False,
-        inplace=True,
-    )
+    lora = _embedding_and_qv(backbone, "llama", inplace=True)
     assert load_peft_adapters(lora, tmp_path) is lora
     assert np.abs(expected - base).max() > 0.1
     np.testing.assert_allclose(_keras_logits(lora), expected, atol=1e-4)
