@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from keras_lora.commands.verbose import add_table_options
+from keras_lora.commands.verbose import add_seeds, add_table_options
 from keras_lora.utils.argtypes import positive_int
 
 
@@ -49,11 +49,7 @@ def weights(text):
 def add_arguments(p):
     from keras_lora.experiments import merging
 
-    p.add_argument(
-        "--seeds",
-        type=positive_int,
-        help=f"run seeds 0..N-1 (default: {len(merging.SEEDS)})",
-    )
+    add_seeds(p, merging.SEEDS)
     p.add_argument(
         "--densities",
         type=densities,

@@ -3,7 +3,7 @@
 
 import json
 
-from keras_lora.commands.verbose import add_table_options
+from keras_lora.commands.verbose import add_seeds, add_table_options
 from keras_lora.utils.argtypes import UsageError, positive_int, positive_ints
 
 
@@ -11,11 +11,7 @@ def add_arguments(p):
     from keras_lora.experiments import digits
 
     # Left out, the module's defaults apply: the help shows them.
-    p.add_argument(
-        "--seeds",
-        type=positive_int,
-        help=f"run seeds 0..N-1 (default: {len(digits.SEEDS)})",
-    )
+    add_seeds(p, digits.SEEDS)
     p.add_argument(
         "--ranks",
         type=positive_ints,

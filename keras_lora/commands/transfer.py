@@ -1,18 +1,13 @@
 """`keras-lora transfer`: LoRA on a small transformer (see
 `keras_lora.experiments.transfer`)."""
 
-from keras_lora.commands.verbose import add_table_options
-from keras_lora.utils.argtypes import positive_int
+from keras_lora.commands.verbose import add_seeds, add_table_options
 
 
 def add_arguments(p):
     from keras_lora.experiments import transfer
 
-    p.add_argument(
-        "--seeds",
-        type=positive_int,
-        help=f"run seeds 0..N-1 (default: {len(transfer.SEEDS)})",
-    )
+    add_seeds(p, transfer.SEEDS)
     add_table_options(p, run)
 
 

@@ -1,4 +1,7 @@
-"""The options the experiment commands share: `--format` and `--verbose`."""
+"""The options the experiment commands share: `--seeds`, `--format` and
+`--verbose`."""
+
+from keras_lora.utils.argtypes import positive_int
 
 
 def add_verbose(p):
@@ -21,3 +24,13 @@ def add_table_options(p, run):
     )
     add_verbose(p)
     p.set_defaults(run=run)
+
+
+def add_seeds(p, seeds):
+    """Adds `--seeds N` (run seeds 0..N-1); the help shows the count of
+    the experiment's own `seeds`, which apply when it is left out."""
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        help=f"run seeds 0..N-1 (default: {len(seeds)})",
+    )
